@@ -1,0 +1,217 @@
+//! Incremental Server-Sent Events boundary tracker (pure logic, no I/O).
+//!
+//! [`SseTracker`] watches the bytes of an event stream go by, in chunks split anywhere, and answers one
+//! question: *may bytes be inserted here without changing the events a client parses?* It also counts
+//! the events and lines it has seen, so the tracing layer can report them without parsing twice.
+//!
+//! The rules follow the [WHATWG event-stream grammar](https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream):
+//! lines end in CRLF, LF or a lone CR; a blank line dispatches the event; a line starting with `:` is a
+//! comment and is ignored by parsers. So a comment line may be inserted only
+//!
+//! - at the start of a line (never mid-line, which would corrupt a field), and
+//! - not right after a chunk that ended in a bare CR: if the next upstream byte is the LF of a CRLF, the
+//!   inserted line would turn that LF into a blank line and dispatch the event early.
+//!
+//! A keepalive is a single comment line (`: keepalive\n`), never followed by a blank line: some SDKs
+//! dispatch an empty event on a blank line after an `id:` field. A lone comment line is ignored by every
+//! conforming parser whether it falls between events or between the lines of one event.
+//!
+//! The same tracker serves NDJSON: there a boundary is the start of a line.
+//!
+//! ```
+//! use streamgate::sse::SseTracker;
+//!
+//! let mut t = SseTracker::new();
+//! t.observe(b"data: hel");
+//! assert!(!t.at_boundary()); // mid-line
+//! t.observe(b"lo\r");
+//! assert!(!t.at_boundary()); // a CR whose LF may follow
+//! t.observe(b"\n\r\n");
+//! assert!(t.at_boundary());
+//! assert_eq!(t.events(), 1);
+//! ```
+
+/// Incremental tracker of SSE line and event boundaries. See the [module docs](self).
+///
+/// It keeps a few bits of state and allocates nothing; [`observe`](Self::observe) is a single pass over
+/// the chunk.
+#[derive(Clone, Debug, Default)]
+pub struct SseTracker {
+    /// The current line has at least one byte.
+    in_line: bool,
+    /// The current line started with `:`.
+    line_is_comment: bool,
+    /// The last byte seen was a CR that may be the first half of a CRLF.
+    pending_cr: bool,
+    /// A non-comment line was seen since the last blank line.
+    event_has_field: bool,
+    events: u64,
+    lines: u64,
+}
+
+impl SseTracker {
+    /// A tracker at the start of a stream (which is a boundary).
+    pub const fn new() -> Self {
+        Self {
+            in_line: false,
+            line_is_comment: false,
+            pending_cr: false,
+            event_has_field: false,
+            events: 0,
+            lines: 0,
+        }
+    }
+
+    /// Feed the next chunk of the stream, exactly as it is forwarded.
+    pub fn observe(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some((&first, tail)) = rest.split_first() {
+            if self.pending_cr {
+                self.pending_cr = false;
+                if first == b'\n' {
+                    // Second half of a CRLF: the line already ended at the CR.
+                    rest = tail;
+                    continue;
+                }
+            }
+            if !self.in_line && first != b'\r' && first != b'\n' {
+                self.in_line = true;
+                self.line_is_comment = first == b':';
+            }
+            // Skip to the next line terminator in one scan: the bytes in between are line content.
+            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                None => return,
+                Some(i) => {
+                    self.end_line();
+                    if rest[i] == b'\r' {
+                        self.pending_cr = true;
+                    }
+                    rest = &rest[i + 1..];
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        if self.in_line {
+            self.lines += 1;
+            if !self.line_is_comment {
+                self.event_has_field = true;
+            }
+        } else if self.event_has_field {
+            // A blank line after at least one field line dispatches an event.
+            self.events += 1;
+            self.event_has_field = false;
+        }
+        self.in_line = false;
+        self.line_is_comment = false;
+    }
+
+    /// Whether a complete comment line (or, for NDJSON, a complete line) may be inserted now.
+    pub const fn at_boundary(&self) -> bool {
+        !self.in_line && !self.pending_cr
+    }
+
+    /// Whether the stream is between events: at a boundary and no field line of an unfinished event
+    /// has been seen. Inserting a blank-line-terminated block is only safe here; streamgate never needs
+    /// to, but embedders may.
+    pub const fn between_events(&self) -> bool {
+        self.at_boundary() && !self.event_has_field
+    }
+
+    /// Events dispatched so far (blank lines that ended a block with at least one field line).
+    pub const fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Complete non-blank lines seen so far (comments included). For NDJSON this is the record count.
+    pub const fn lines(&self) -> u64 {
+        self.lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(chunks: &[&[u8]]) -> SseTracker {
+        let mut t = SseTracker::new();
+        for c in chunks {
+            t.observe(c);
+        }
+        t
+    }
+
+    #[test]
+    fn start_is_a_boundary() {
+        assert!(SseTracker::new().at_boundary());
+        assert!(SseTracker::new().between_events());
+    }
+
+    #[test]
+    fn mid_line_is_not_a_boundary() {
+        let t = feed(&[b"data: a"]);
+        assert!(!t.at_boundary());
+        let t = feed(&[b"data: a\n", b"da"]);
+        assert!(!t.at_boundary());
+    }
+
+    #[test]
+    fn lf_crlf_and_cr_endings_count_events() {
+        assert_eq!(feed(&[b"data: a\n\n"]).events(), 1);
+        assert_eq!(feed(&[b"data: a\r\n\r\n"]).events(), 1);
+        assert_eq!(feed(&[b"data: a\r\r"]).events(), 1);
+        assert_eq!(feed(&[b"data: a\ndata: b\n\ndata: c\n\n"]).events(), 2);
+    }
+
+    #[test]
+    fn bare_cr_at_chunk_end_blocks_injection_until_next_byte() {
+        let mut t = feed(&[b"data: a\r"]);
+        assert!(!t.at_boundary());
+        t.observe(b"\n");
+        assert!(t.at_boundary());
+        assert!(!t.between_events());
+        t.observe(b"\r");
+        assert!(!t.at_boundary());
+        t.observe(b"\n");
+        assert!(t.between_events());
+        assert_eq!(t.events(), 1);
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_line_end() {
+        // "a\r" + "\n" + "\r\n" is one event, not two blank lines.
+        let t = feed(&[b"data: a\r", b"\n", b"\r", b"\n"]);
+        assert_eq!(t.events(), 1);
+        assert_eq!(t.lines(), 1);
+    }
+
+    #[test]
+    fn comments_do_not_make_events() {
+        let t = feed(&[b": ping\n\n", b":x\n\n"]);
+        assert_eq!(t.events(), 0);
+        assert_eq!(t.lines(), 2);
+        let t = feed(&[b"id: 7\n", b": ping\n", b"\n"]);
+        assert_eq!(t.events(), 1);
+    }
+
+    #[test]
+    fn between_lines_of_one_event_is_a_boundary_but_not_between_events() {
+        let t = feed(&[b"event: x\n"]);
+        assert!(t.at_boundary());
+        assert!(!t.between_events());
+    }
+
+    #[test]
+    fn byte_by_byte_equals_whole() {
+        let stream: &[u8] = b"data: a\r\ndata: b\r\n\r\n: c\nid: 1\r\rdata: {}\n\n";
+        let whole = feed(&[stream]);
+        let mut t = SseTracker::new();
+        for b in stream {
+            t.observe(std::slice::from_ref(b));
+        }
+        assert_eq!(t.events(), whole.events());
+        assert_eq!(t.lines(), whole.lines());
+        assert_eq!(whole.events(), 3);
+    }
+}
