@@ -1,0 +1,273 @@
+//! Bodies on the proxy path: the request body sent upstream (replayable until first polled, so a
+//! request whose connection was refused can fail over), and the response body handed to the layers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::pool::ActiveGuard;
+use crate::{BoxError, EndReason, StreamInfo};
+
+/// The request body sent upstream.
+///
+/// The client's body sits in a shared slot until the first poll takes it. If an attempt fails before
+/// anything polled the body (connection refused, say), a [`ReplayHandle`] hands the same body
+/// to the next attempt. Once taken, it streams straight through with no locking.
+#[derive(Debug)]
+pub struct UpstreamRequestBody {
+    slot: Option<Arc<Mutex<Option<Incoming>>>>,
+    taken: Option<Incoming>,
+    end_stream: bool,
+    hint: SizeHint,
+}
+
+impl UpstreamRequestBody {
+    /// An empty body (health checks).
+    pub(crate) fn empty() -> Self {
+        Self {
+            slot: None,
+            taken: None,
+            end_stream: true,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+
+    /// Wrap the client's body.
+    pub(crate) fn new(body: Incoming) -> Self {
+        let end_stream = body.is_end_stream();
+        let hint = body.size_hint();
+        if end_stream {
+            return Self {
+                slot: None,
+                taken: None,
+                end_stream,
+                hint,
+            };
+        }
+        Self {
+            slot: Some(Arc::new(Mutex::new(Some(body)))),
+            taken: None,
+            end_stream,
+            hint,
+        }
+    }
+
+    /// A handle that tells, after the attempt failed, whether another attempt can still send the body.
+    pub(crate) fn replay_handle(&self) -> ReplayHandle {
+        ReplayHandle {
+            slot: self.slot.clone(),
+            end_stream: self.end_stream,
+            hint: self.hint.clone(),
+        }
+    }
+}
+
+/// See [`UpstreamRequestBody::replay_handle`].
+#[derive(Debug)]
+pub struct ReplayHandle {
+    slot: Option<Arc<Mutex<Option<Incoming>>>>,
+    end_stream: bool,
+    hint: SizeHint,
+}
+
+impl ReplayHandle {
+    /// A fresh body for the next attempt, or `None` if the last attempt consumed the body.
+    pub(crate) fn body(&self) -> Option<UpstreamRequestBody> {
+        let untouched = match &self.slot {
+            None => true,
+            Some(slot) => slot.lock().map(|g| g.is_some()).unwrap_or(false),
+        };
+        untouched.then(|| UpstreamRequestBody {
+            slot: self.slot.clone(),
+            taken: None,
+            end_stream: self.end_stream,
+            hint: self.hint.clone(),
+        })
+    }
+
+    /// Whether the request has no body at all (safe to resend whatever happened).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slot.is_none()
+    }
+}
+
+impl Body for UpstreamRequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.taken.is_none() {
+            let Some(slot) = this.slot.take() else {
+                return Poll::Ready(None);
+            };
+            let body = slot.lock().ok().and_then(|mut g| g.take());
+            match body {
+                Some(b) => this.taken = Some(b),
+                None => return Poll::Ready(None),
+            }
+        }
+        match this.taken.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.end_stream,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self.hint.clone(),
+        }
+    }
+}
+
+/// What the proxy's forwarding service answers with: the upstream's streamed body, or a short body of its
+/// own (errors).
+#[derive(Debug)]
+pub struct ProxyBody {
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Box<UpstreamStream>),
+}
+
+/// The upstream's response body plus what lives exactly as long as the stream: the capacity permit, the
+/// endpoint's active-stream count, and the drain deadline.
+struct UpstreamStream {
+    body: Option<Incoming>,
+    info: StreamInfo,
+    deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    _permit: Option<OwnedSemaphorePermit>,
+    _active: ActiveGuard,
+}
+
+impl std::fmt::Debug for UpstreamStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamStream")
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream was ended because the proxy is shutting down and the drain timeout passed.
+#[derive(Debug)]
+pub struct ShutdownError;
+
+impl std::fmt::Display for ShutdownError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stream ended: the proxy is shutting down and the drain timeout passed")
+    }
+}
+
+impl std::error::Error for ShutdownError {}
+
+impl ProxyBody {
+    /// A complete body of these bytes.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b = bytes.into();
+        Self {
+            kind: Kind::Full((!b.is_empty()).then_some(b)),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Full(None),
+        }
+    }
+
+    pub(crate) fn upstream(
+        body: Incoming,
+        info: StreamInfo,
+        deadline: WaitForCancellationFutureOwned,
+        permit: Option<OwnedSemaphorePermit>,
+        active: ActiveGuard,
+    ) -> Self {
+        Self {
+            kind: Kind::Upstream(Box::new(UpstreamStream {
+                body: Some(body),
+                info,
+                deadline: Box::pin(deadline),
+                _permit: permit,
+                _active: active,
+            })),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(s) => {
+                let Some(body) = s.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                // Data first, then the drain deadline.
+                if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
+                    return Poll::Ready(match frame {
+                        Some(Ok(f)) => Some(Ok(f)),
+                        Some(Err(e)) => {
+                            s.body = None;
+                            s.info.record_end(EndReason::UpstreamError);
+                            Some(Err(Box::new(e) as BoxError))
+                        }
+                        None => {
+                            s.body = None;
+                            None
+                        }
+                    });
+                }
+                ready!(s.deadline.as_mut().poll(cx));
+                // Drop the upstream body now: that closes (HTTP/1.1) or resets (HTTP/2) the upstream stream.
+                s.body = None;
+                s.info.record_end(EndReason::Shutdown);
+                Poll::Ready(Some(Err(Box::new(ShutdownError))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(s) => s.body.as_ref().is_none_or(|b| b.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(s) => s
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The innermost service of the proxy: pick an endpoint, rewrite the request, send it, fail over while
+//! nothing has reached the client, and hand back the upstream's streamed body.
+//!
+//! Failover (idempotency rules): an attempt that could not *connect* never sent anything, so the request
+//! goes to the next endpoint whatever its method, as long as the body has not been read (a refused
+//! connection never reads it). An attempt that connected and then failed before response headers is
+//! retried only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) with no body, as nginx's
+//! `proxy_next_upstream` does: an LLM `POST` may already be generating. Attempts are bounded by the
+//! pool's `max_attempts` (one per endpoint at most). Once response headers arrive there is no retry.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::uri::{PathAndQuery, Uri};
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::body::{ProxyBody, UpstreamRequestBody};
+use super::config::{HostHeader, RouteConfig, UpstreamProtocol};
+use super::error::{ProxyError, ProxyErrorKind};
+use super::headers::{add_forwarding, strip_hop_by_hop, Forwarded};
+use super::pool::{ActiveGuard, Pool};
+use crate::StreamInfo;
+
+/// Facts about the client connection, put in the request extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// State shared by every route's forwarding service.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Capacity: one permit per open stream.
+    pub(crate) streams: Arc<Semaphore>,
+    pub(crate) max_streams: usize,
+    /// Cancelled when the drain timeout passes during shutdown: open streams end with `shutdown`.
+    pub(crate) drain_deadline: CancellationToken,
+    /// Cancelled when shutdown starts: new requests get 503.
+    pub(crate) shutting_down: CancellationToken,
+}
+
+/// A route's runtime: its settings and pool.
+#[derive(Debug)]
+pub(crate) struct RouteRuntime {
+    pub(crate) cfg: RouteConfig,
+    pub(crate) pool: Arc<Pool>,
+}
+
+/// Forwards a request to the route's pool. `route: None` answers 404.
+#[derive(Debug, Clone)]
+pub(crate) struct Forward {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) route: Option<Arc<RouteRuntime>>,
+}
+
+type BoxFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
+
+impl tower::Service<Request<Incoming>> for Forward {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            Ok(match this.forward(req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            })
+        })
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl Forward {
+    async fn forward(self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::new(
+                ProxyErrorKind::MethodNotAllowed,
+                "CONNECT is not supported: streamgate is a reverse proxy",
+            ));
+        }
+        let Some(route) = self.route.clone() else {
+            return Err(ProxyError::new(
+                ProxyErrorKind::NoRoute,
+                format!("no route for {}", req.uri().path()),
+            ));
+        };
+        if self.shared.shutting_down.is_cancelled() {
+            return Err(ProxyError::new(
+                ProxyErrorKind::ShuttingDown,
+                "the proxy is shutting down",
+            ));
+        }
+        let permit = match self.shared.streams.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Err(ProxyError::new(
+                    ProxyErrorKind::OverCapacity,
+                    format!(
+                        "the proxy is at its limit of {} open streams",
+                        self.shared.max_streams
+                    ),
+                ))
+            }
+        };
+        let info = StreamInfo::get_or_insert(&mut req);
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let pool = &route.pool;
+
+        let (parts, body) = req.into_parts();
+        let client_host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let mut headers = parts.headers;
+        // HTTP/2 upstreams (and gRPC) need `TE: trailers`; HTTP/1.1 ones must not get TE at all.
+        strip_hop_by_hop(&mut headers, pool.cfg.protocol != UpstreamProtocol::Http1);
+        if let Some(c) = conn {
+            add_forwarding(
+                &mut headers,
+                &Forwarded {
+                    client_ip: c.remote.ip(),
+                    proto: if c.tls { "https" } else { "http" },
+                    host: client_host.as_deref(),
+                    version: parts.version,
+                },
+            );
+        }
+        match &route.cfg.host_header {
+            HostHeader::Upstream => {
+                headers.remove(header::HOST);
+            }
+            HostHeader::Preserve => {
+                if let Some(h) = client_host
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok())
+                {
+                    headers.insert(header::HOST, h);
+                }
+            }
+            HostHeader::Fixed(v) => {
+                headers.insert(header::HOST, v.clone());
+            }
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let method = parts.method;
+        let idempotent = is_idempotent(&method);
+
+        let first_body = UpstreamRequestBody::new(body);
+        let replay = first_body.replay_handle();
+        let mut next_body = Some(first_body);
+        let mut tried: Vec<usize> = Vec::with_capacity(pool.max_attempts());
+        let mut last_connect_error: Option<String> = None;
+        loop {
+            let i = match pool.pick(&tried) {
+                Ok(i) => i,
+                Err(no) => {
+                    return Err(match last_connect_error {
+                        Some(e) => ProxyError::new(ProxyErrorKind::UpstreamUnreachable, e),
+                        None => {
+                            let e = ProxyError::new(
+                                ProxyErrorKind::NoHealthyUpstream,
+                                format!("no healthy endpoint in pool `{}`", pool.cfg.name),
+                            );
+                            match no.retry_after {
+                                Some(d) => e.retry_after(d),
+                                None => e,
+                            }
+                        }
+                    })
+                }
+            };
+            tried.push(i);
+            let ep = pool.endpoints[i].clone();
+            let Some(body) = next_body.take() else {
+                break;
+            };
+            let uri = Uri::builder()
+                .scheme(ep.cfg.scheme.clone())
+                .authority(ep.cfg.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|e| {
+                    ProxyError::new(
+                        ProxyErrorKind::BadRequest,
+                        format!("cannot build upstream URI: {e}"),
+                    )
+                })?;
+            let mut up = Request::new(body);
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = headers.clone();
+            let active = ActiveGuard::new(ep.clone());
+            match pool.client.request(up).await {
+                Ok(resp) => {
+                    pool.succeeded(i);
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, false);
+                    let body = ProxyBody::upstream(
+                        body,
+                        info,
+                        self.shared.drain_deadline.clone().cancelled_owned(),
+                        permit,
+                        active,
+                    );
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(e) => {
+                    drop(active);
+                    let connect = e.is_connect();
+                    let detail = error_chain(&e);
+                    if connect {
+                        pool.connect_failed(i);
+                        tracing::warn!(endpoint = %ep.label, source = "upstream", "cannot connect: {detail}");
+                        last_connect_error =
+                            Some(format!("cannot connect to {}: {detail}", ep.label));
+                    } else {
+                        tracing::warn!(endpoint = %ep.label, source = "upstream", "upstream failed before response headers: {detail}");
+                    }
+                    let may_retry = tried.len() < pool.max_attempts()
+                        && (connect || (idempotent && replay.is_empty()));
+                    next_body = if may_retry { replay.body() } else { None };
+                    if next_body.is_none() {
+                        return Err(if connect {
+                            ProxyError::new(
+                                ProxyErrorKind::UpstreamUnreachable,
+                                format!("cannot connect to {}: {detail}", ep.label),
+                            )
+                        } else {
+                            ProxyError::new(
+                                ProxyErrorKind::UpstreamError,
+                                format!(
+                                    "{} failed before sending response headers: {detail}",
+                                    ep.label
+                                ),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+        Err(ProxyError::new(
+            ProxyErrorKind::UpstreamError,
+            "no attempt left",
+        ))
+    }
+}
+
+/// The error and its sources, joined: hyper-util's outer error alone says little ("client error (Connect)").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,383 @@
+//! Listeners, TLS, per-connection serving, routing, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::config::{Config, ListenerConfig, RouteConfig};
+use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
+use super::pool::Pool;
+use super::stack::{self, App, RouteStack};
+
+/// A failure to start or run the server (not a configuration error: those are found by
+/// [`Config::load`]).
+#[derive(Debug)]
+pub struct ServeError {
+    what: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ServeError {
+    fn new(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(s) => write!(f, "{}: {s}", self.what),
+            None => f.write_str(&self.what),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// Routes a request to the most specific matching route's stack (host match first, then the longest
+/// path prefix), or to a stack that answers 404.
+#[derive(Clone, Debug)]
+pub(crate) struct Router {
+    routes: Arc<[(RouteConfig, RouteStack)]>,
+    fallback: RouteStack,
+}
+
+impl Router {
+    fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let mut best: Option<(usize, (bool, usize))> = None;
+        for (i, (r, _)) in self.routes.iter().enumerate() {
+            let host_ok = match (&r.host, host) {
+                (None, _) => true,
+                (Some(want), Some(h)) => want.eq_ignore_ascii_case(h),
+                (Some(_), None) => false,
+            };
+            if !host_ok || !path.starts_with(&r.path_prefix) {
+                continue;
+            }
+            let score = (r.host.is_some(), r.path_prefix.len());
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+}
+
+/// The request's host without port, from the URI (HTTP/2, absolute-form) or the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    // Strip a port, leaving IPv6 brackets intact.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    })
+}
+
+impl tower::Service<Request<Incoming>> for Router {
+    type Response = <RouteStack as tower::Service<Request<Incoming>>>::Response;
+    type Error = <RouteStack as tower::Service<Request<Incoming>>>::Error;
+    type Future = <RouteStack as tower::Service<Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let idx = self.find(request_host(&req), req.uri().path());
+        match idx {
+            Some(i) => {
+                let (cfg, svc) = &self.routes[i];
+                stack::on_route(cfg);
+                svc.clone().call(req)
+            }
+            None => self.fallback.clone().call(req),
+        }
+    }
+}
+
+struct BoundListener {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    addr: SocketAddr,
+}
+
+/// Options that are not part of the file configuration (wired by the binary).
+#[derive(Debug, Default, Clone)]
+pub struct ServerOptions {
+    /// Stream metrics recorded by the tracing layer; none by default.
+    pub metrics: Option<crate::trace::StreamMetrics>,
+}
+
+/// A bound, ready-to-run proxy.
+pub struct Server {
+    listeners: Vec<BoundListener>,
+    app: App,
+    shared: Arc<Shared>,
+    pools: Vec<Arc<Pool>>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.local_addrs())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Bind every listener and build the service stack.
+    pub async fn bind(config: Config) -> Result<Self, ServeError> {
+        Self::bind_with(config, ServerOptions::default()).await
+    }
+
+    /// [`bind`](Self::bind) with options.
+    pub async fn bind_with(config: Config, opts: ServerOptions) -> Result<Self, ServeError> {
+        let shared = Arc::new(Shared {
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            max_streams: config.max_streams,
+            drain_deadline: CancellationToken::new(),
+            shutting_down: CancellationToken::new(),
+        });
+        let mut pools = std::collections::BTreeMap::new();
+        for (name, p) in &config.pools {
+            let pool = Pool::new(p.clone()).map_err(|e| ServeError {
+                what: e,
+                source: None,
+            })?;
+            pools.insert(name.clone(), Arc::new(pool));
+        }
+        let routes: Vec<(RouteConfig, RouteStack)> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let fwd = Forward {
+                    shared: shared.clone(),
+                    route: Some(Arc::new(RouteRuntime {
+                        cfg: r.clone(),
+                        pool: pools[&r.pool].clone(),
+                    })),
+                };
+                (r.clone(), stack::route_stack(fwd, &r.stream))
+            })
+            .collect();
+        let fallback = stack::route_stack(
+            Forward {
+                shared: shared.clone(),
+                route: None,
+            },
+            &config.defaults,
+        );
+        let router = Router {
+            routes: routes.into(),
+            fallback,
+        };
+        let app = stack::app(router, &opts);
+
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            listeners.push(bind_listener(l).await?);
+        }
+        Ok(Self {
+            listeners,
+            app,
+            shared,
+            pools: pools.into_values().collect(),
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// The bound addresses, in configuration order (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// Serve until `shutdown` resolves, then drain: stop accepting, let open streams finish within the
+    /// drain timeout, end the rest with `shutdown`, and return.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let stop_accepting = CancellationToken::new();
+        let graceful = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let builder = Arc::new(http_builder());
+        let stop_health = CancellationToken::new();
+        for p in &self.pools {
+            tokio::spawn(p.clone().health_check_loop(stop_health.clone()));
+        }
+        for l in self.listeners {
+            tracker.spawn(accept_loop(
+                l,
+                self.app.clone(),
+                builder.clone(),
+                graceful.clone(),
+                tracker.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        shutdown.await;
+        tracing::info!(
+            drain_timeout_ms = self.drain_timeout.as_millis() as u64,
+            "shutting down: no new connections; open streams get the drain timeout to finish"
+        );
+        stop_accepting.cancel();
+        self.shared.shutting_down.cancel();
+        stop_health.cancel();
+        tracker.close();
+        // HTTP/1.1 connections close after their current response; HTTP/2 ones get GOAWAY.
+        graceful.cancel();
+        if tokio::time::timeout(self.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            let open = self.shared.max_streams - self.shared.streams.available_permits();
+            tracing::warn!(
+                open_streams = open,
+                "drain timeout passed: ending the open streams"
+            );
+            self.shared.drain_deadline.cancel();
+        }
+        // Connections end as soon as their streams do; bound the wait anyway.
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within 5 s of the drain deadline");
+        }
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true)
+        .half_close(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, ServeError> {
+    let listener = TcpListener::bind(l.listen)
+        .await
+        .map_err(|e| ServeError::new(format!("cannot listen on {}", l.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::new("cannot read the bound address", e))?;
+    let tls = match &l.tls {
+        None => None,
+        Some(t) => Some(
+            super::tls::acceptor(&t.cert, &t.key).map_err(|e| ServeError {
+                what: e,
+                source: None,
+            })?,
+        ),
+    };
+    Ok(BoundListener {
+        listener,
+        tls,
+        addr,
+    })
+}
+
+async fn accept_loop(
+    l: BoundListener,
+    app: App,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: CancellationToken,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let tls = l.tls.is_some();
+    tracing::info!(listen = %l.addr, tls, "listening");
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = l.listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            remote,
+            local: l.addr,
+            tls,
+        };
+        let app = app.clone();
+        let builder = builder.clone();
+        let graceful = graceful.clone();
+        let acceptor = l.tls.clone();
+        tracker.spawn(async move {
+            match acceptor {
+                None => serve(stream, info, app, &builder, graceful).await,
+                Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
+                    Ok(Ok(s)) => serve(s, info, app, &builder, graceful).await,
+                    Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
+                    Err(_) => tracing::debug!(client = %remote, source = "client", "TLS handshake timed out"),
+                },
+            }
+        });
+    }
+}
+
+async fn serve<IO>(
+    io: IO,
+    info: ConnInfo,
+    app: App,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = TowerToHyperService::new(stack::with_conn_info(app, info));
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(client = %info.remote, error = %e, "connection ended with an error");
+    }
+}

