@@ -143,8 +143,8 @@ impl Forward {
                     .map(str::to_owned)
             });
         let mut headers = parts.headers;
-        // HTTP/2 upstreams (and gRPC) need `TE: trailers`; HTTP/1.1 ones must not get TE at all.
-        strip_hop_by_hop(&mut headers, pool.cfg.protocol != UpstreamProtocol::Http1);
+        // HTTP/2 upstreams (and gRPC) need `TE: trailers`; HTTP/1.1 ones get no TE at all.
+        let te_trailers = strip_hop_by_hop(&mut headers, true);
         if let Some(c) = conn {
             add_forwarding(
                 &mut headers,
@@ -225,6 +225,15 @@ impl Forward {
             *up.uri_mut() = uri;
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = headers.clone();
+            let h2 = match pool.cfg.protocol {
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Auto => ep.cfg.scheme == http::uri::Scheme::HTTPS,
+            };
+            if te_trailers && h2 {
+                up.headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             let active = ActiveGuard::new(ep.clone());
             match pool.client.request(up).await {
                 Ok(resp) => {

@@ -21,8 +21,9 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Remove hop-by-hop headers and every header named in `Connection`.
 ///
-/// `TE: trailers` survives on requests when `keep_te_trailers` is set (gRPC and HTTP/2 upstreams rely on it).
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
+/// Returns whether the removed `TE` asked for trailers (when `check_te` is set), so the caller can send
+/// `TE: trailers` on to HTTP/2 upstreams, which (like gRPC) rely on it.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
     // Headers named in Connection: collected first, removed after (no allocation when there is none).
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -34,7 +35,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     for n in named {
         h.remove(n);
     }
-    let te_trailers = keep_te_trailers
+    let te_trailers = check_te
         && h.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -44,9 +45,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     for n in HOP_BY_HOP {
         h.remove(n);
     }
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
+    te_trailers
 }
 
 /// Append `value` to a comma-separated list header, or set it.
@@ -115,13 +114,12 @@ mod tests {
             header::ACCEPT,
             HeaderValue::from_static("text/event-stream"),
         );
-        strip_hop_by_hop(&mut h, true);
+        assert!(strip_hop_by_hop(&mut h, true));
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["accept", "te"]);
-        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(names, ["accept"]);
         let mut h2 = HeaderMap::new();
-        h2.insert(header::TE, HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h2, false);
+        h2.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(!strip_hop_by_hop(&mut h2, true));
         assert!(h2.is_empty());
     }
 
