@@ -52,7 +52,7 @@ struct Flags {
     #[arg(long, global = true, value_name = "DURATION")]
     drain_timeout: Option<String>,
     /// Concurrent streams before new requests get 503 (default 10000).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     max_streams: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, global = true, value_name = "ADDR")]
