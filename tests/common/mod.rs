@@ -360,7 +360,9 @@ pub fn client(
     if h2 {
         b.http2_only(true);
     }
-    b.build_http()
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    b.build(http)
 }
 
 pub async fn body_string(resp: Response<Incoming>) -> String {
