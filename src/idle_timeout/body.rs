@@ -1,0 +1,321 @@
+//! [`IdleTimeoutBody`]: the idle deadline and keepalive injection around a response body.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use super::error::{IdleTimeoutError, IdleTimeoutKind};
+use crate::sse::SseTracker;
+use crate::{BoxError, EndReason, StreamInfo};
+
+const UTF8_BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+
+/// `now + d`, or a point about 30 years ahead if that overflows (so `Duration::MAX` means "never").
+pub(crate) fn deadline_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
+pin_project! {
+    /// Response body of [`IdleTimeout`](super::IdleTimeout). See the [module docs](super).
+    ///
+    /// Either the upstream body under the idle deadline (with keepalive injection for streams), or the
+    /// fixed JSON body of a first-byte `504`.
+    pub struct IdleTimeoutBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Stream {
+            // `None` once the stream ended, failed or was cut: the upstream body is dropped right then.
+            #[pin]
+            inner: Option<B>,
+            #[pin]
+            idle: Sleep,
+            idle_after: Duration,
+            // Present only for responses that may receive keepalives.
+            #[pin]
+            keepalive: Option<Sleep>,
+            state: Option<Keepalive>,
+            info: StreamInfo,
+        },
+        Fixed {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+/// Keepalive bookkeeping; see the module docs for the exact timing rules.
+#[derive(Debug)]
+struct Keepalive {
+    interval: Duration,
+    line: Bytes,
+    tracker: SseTracker,
+    /// The interval ran out while the stream was not at a boundary: inject at the next boundary.
+    due: bool,
+    /// A non-empty upstream data frame was forwarded.
+    started: bool,
+    /// Some(k): a keepalive went out before the upstream's first byte, and the first k bytes of the
+    /// upstream matched (and were withheld as) a UTF-8 BOM prefix. See [`Keepalive::forward`].
+    bom: Option<u8>,
+}
+
+impl Keepalive {
+    /// Account for an upstream data chunk and return the bytes to forward (`None`: withheld, poll again).
+    ///
+    /// A BOM is meaningful only as the first bytes of a stream. If a keepalive already went out, an
+    /// upstream BOM would land at the start of a line and corrupt its first field, so it is dropped
+    /// (the client's decoder would have dropped it anyway). A partial match is withheld; on a mismatch
+    /// the withheld bytes are given back (a rare path that allocates once).
+    fn forward(&mut self, data: Bytes) -> Option<Bytes> {
+        let out = match self.bom {
+            Some(k) if !data.is_empty() => {
+                let k = usize::from(k);
+                let rest = &UTF8_BOM[k..];
+                let n = rest.len().min(data.len());
+                if data[..n] == rest[..n] {
+                    if n < rest.len() {
+                        self.bom = Some((k + n) as u8);
+                        return None;
+                    }
+                    self.bom = None;
+                    data.slice(n..)
+                } else {
+                    self.bom = None;
+                    if k == 0 {
+                        data
+                    } else {
+                        let mut joined = BytesMut::with_capacity(k + data.len());
+                        joined.extend_from_slice(&UTF8_BOM[..k]);
+                        joined.extend_from_slice(&data);
+                        joined.freeze()
+                    }
+                }
+            }
+            _ => data,
+        };
+        if !out.is_empty() {
+            self.started = true;
+        }
+        self.tracker.observe(&out);
+        Some(out)
+    }
+}
+
+impl<B> IdleTimeoutBody<B> {
+    pub(crate) fn stream(
+        inner: B,
+        idle_after: Duration,
+        keepalive: Option<(Duration, Bytes)>,
+        info: StreamInfo,
+    ) -> Self {
+        let now = Instant::now();
+        let (sleep, state) = match keepalive {
+            Some((interval, line)) => (
+                Some(tokio::time::sleep_until(deadline_after(now, interval))),
+                Some(Keepalive {
+                    interval,
+                    line,
+                    tracker: SseTracker::new(),
+                    due: false,
+                    started: false,
+                    bom: None,
+                }),
+            ),
+            None => (None, None),
+        };
+        Self {
+            kind: Kind::Stream {
+                inner: Some(inner),
+                idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
+                idle_after,
+                keepalive: sleep,
+                state,
+                info,
+            },
+        }
+    }
+
+    pub(crate) fn fixed(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Fixed { data: Some(data) },
+        }
+    }
+
+    /// Whether keepalives may be injected into this body (an SSE or configured NDJSON stream).
+    pub fn injects_keepalives(&self) -> bool {
+        matches!(&self.kind, Kind::Stream { state: Some(_), .. })
+    }
+}
+
+impl<B> std::fmt::Debug for IdleTimeoutBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Stream {
+                inner,
+                idle_after,
+                state,
+                ..
+            } => f
+                .debug_struct("IdleTimeoutBody")
+                .field("open", &inner.is_some())
+                .field("idle_after", idle_after)
+                .field("keepalive", state)
+                .finish(),
+            Kind::Fixed { data } => f
+                .debug_struct("IdleTimeoutBody")
+                .field("fixed", data)
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for IdleTimeoutBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Fixed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Stream {
+                inner,
+                idle,
+                idle_after,
+                keepalive,
+                state,
+                info,
+            } => poll_stream(cx, inner, idle, *idle_after, keepalive, state, info),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Stream { inner, .. } => inner.as_ref().is_none_or(Body::is_end_stream),
+            Kind::Fixed { data } => data.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Stream {
+                inner: Some(inner),
+                state,
+                ..
+            } => {
+                let hint = inner.size_hint();
+                if state.is_some() {
+                    // Keepalives add bytes: keep the lower bound only.
+                    let mut open = SizeHint::new();
+                    open.set_lower(hint.lower());
+                    open
+                } else {
+                    hint
+                }
+            }
+            Kind::Stream { inner: None, .. } => SizeHint::with_exact(0),
+            Kind::Fixed { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// The stream case of [`IdleTimeoutBody::poll_frame`], on the projected fields.
+fn poll_stream<B>(
+    cx: &mut Context<'_>,
+    mut inner: Pin<&mut Option<B>>,
+    mut idle: Pin<&mut Sleep>,
+    idle_after: Duration,
+    mut keepalive: Pin<&mut Option<Sleep>>,
+    state: &mut Option<Keepalive>,
+    info: &StreamInfo,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let Some(body) = inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        // Data first: an upstream frame ready at a deadline wins.
+        match body.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let now = Instant::now();
+                idle.as_mut().reset(deadline_after(now, idle_after));
+                let (Some(ka), Some(timer)) = (state.as_mut(), keepalive.as_mut().as_pin_mut())
+                else {
+                    return Poll::Ready(Some(Ok(frame)));
+                };
+                if !ka.due {
+                    timer.reset(deadline_after(now, ka.interval));
+                }
+                return match frame.into_data() {
+                    Ok(data) => match ka.forward(data) {
+                        Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                        None => continue,
+                    },
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                };
+            }
+            Poll::Ready(Some(Err(e))) => {
+                inner.set(None);
+                info.record_end(EndReason::UpstreamError);
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            Poll::Ready(None) => {
+                inner.set(None);
+                info.record_end(EndReason::Complete);
+                return Poll::Ready(None);
+            }
+            Poll::Pending => break,
+        }
+    }
+    if idle.poll(cx).is_ready() {
+        // Drop the upstream body now: that closes its connection or resets its stream.
+        inner.set(None);
+        info.record_end(EndReason::IdleTimeout);
+        tracing::warn!(
+            source = "upstream",
+            kind = IdleTimeoutKind::Idle.as_str(),
+            timeout = %humantime::format_duration(idle_after),
+            "upstream body was silent too long; stream cut"
+        );
+        let err = IdleTimeoutError::new(IdleTimeoutKind::Idle, idle_after);
+        return Poll::Ready(Some(Err(Box::new(err))));
+    }
+    if let (Some(ka), Some(mut timer)) = (state.as_mut(), keepalive.as_pin_mut()) {
+        if timer.as_mut().poll(cx).is_ready() {
+            if !ka.tracker.at_boundary() {
+                // The timer stays expired; the next frame that reaches a boundary releases it.
+                ka.due = true;
+                return Poll::Pending;
+            }
+            ka.due = false;
+            timer.reset(deadline_after(Instant::now(), ka.interval));
+            if !ka.started && ka.bom.is_none() {
+                ka.bom = Some(0);
+            }
+            info.note_heartbeat(ka.line.len());
+            return Poll::Ready(Some(Ok(Frame::data(ka.line.clone()))));
+        }
+    }
+    Poll::Pending
+}
