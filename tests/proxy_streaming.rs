@@ -354,3 +354,146 @@ async fn ten_thousand_disconnects_leak_nothing() {
         "RSS grew {base_rss} -> {rss} KiB"
     );
 }
+
+fn stream_config(up: std::net::SocketAddr, defaults: &str) -> String {
+    format!(
+        "[defaults]\n{defaults}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{up}\"]\n[[routes]]\npool = \"up\"\n"
+    )
+}
+
+/// Arrival times of the keepalive lines in what a raw client received.
+fn heartbeat_times(c: &RawClient) -> Vec<Instant> {
+    c.received
+        .iter()
+        .filter(|(_, b)| b.windows(12).any(|w| w == b": keepalive\n"))
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_fill_silence_only_and_never_count_as_upstream_activity() {
+    // Talks every 20 ms for 10 events (no heartbeat due), then is silent 350 ms (three due at 100 ms
+    // intervals), then ends.
+    let up = Upstream::start(|_| async {
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            for i in 0..10 {
+                let _ = tx.send(Ok(Bytes::from(format!("data: {i}\n\n")))).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        });
+        resp
+    })
+    .await;
+    let proxy = Proxy::start(&stream_config(
+        up.addr,
+        "keepalive_interval = \"100ms\"\nidle_timeout = \"2s\"",
+    ))
+    .await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = c.read_to_end().await;
+    let (head, body) = split_head(&raw);
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("x-accel-buffering: no"), "{head}");
+    assert!(lower.contains("no-transform"), "{head}");
+    let (payload, terminated) = dechunk(&body);
+    assert!(terminated);
+    let text = String::from_utf8(payload).unwrap();
+    // Heartbeats only during the silence: three, each a lone comment line between events.
+    assert_eq!(text.matches(": keepalive\n").count(), 3, "{text:?}");
+    assert!(text.starts_with("data: 0\n\n"), "{text:?}");
+    assert!(
+        text.ends_with("data: 9\n\n: keepalive\n: keepalive\n: keepalive\ndata: [DONE]\n\n"),
+        "{text:?}"
+    );
+    let beats = heartbeat_times(&c);
+    let gaps: Vec<Duration> = beats.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("heartbeat gaps: {gaps:?}");
+    for g in gaps {
+        assert!(
+            g > Duration::from_millis(70) && g < Duration::from_millis(140),
+            "heartbeat gap {g:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_cut_at_deadline_despite_heartbeats_closes_upstream() {
+    let up = Upstream::start(|_| async {
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: hello\n\n"))).await;
+            tx.closed().await;
+        });
+        resp
+    })
+    .await;
+    let proxy = Proxy::start(&stream_config(
+        up.addr,
+        "keepalive_interval = \"100ms\"\nidle_timeout = \"350ms\"",
+    ))
+    .await;
+    let mut closed = up.on_close();
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.get("/s").await;
+    c.read_until(b"data: hello").await;
+    let last_upstream_frame = c.received.last().unwrap().0;
+    let (raw, _) = c.read_to_end().await;
+    let cut = Instant::now();
+    let upstream_closed = within("upstream close", closed.recv()).await.unwrap();
+    let (_, body) = split_head(&raw);
+    let (payload, terminated) = dechunk(&body);
+    assert!(
+        !terminated,
+        "an idle cut must not end like a complete stream"
+    );
+    let text = String::from_utf8(payload).unwrap();
+    assert_eq!(text.matches(": keepalive\n").count(), 3, "{text:?}");
+    let after = cut - last_upstream_frame;
+    eprintln!(
+        "idle cut {after:?} after the last upstream frame; upstream closed {:?} after the cut",
+        upstream_closed.saturating_duration_since(cut)
+    );
+    assert!(
+        after >= Duration::from_millis(340) && after < Duration::from_millis(450),
+        "cut after {after:?}"
+    );
+    assert!(upstream_closed <= cut + Duration::from_millis(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_is_504_and_cancels_the_upstream() {
+    let up = Upstream::start(|_| async {
+        std::future::pending::<()>().await;
+        unreachable!()
+    })
+    .await;
+    let proxy = Proxy::start(&stream_config(up.addr, "first_byte_timeout = \"200ms\"")).await;
+    let mut closed = up.on_close();
+    let t0 = Instant::now();
+    let resp = within(
+        "504",
+        client(false).request(
+            Request::post(format!("http://{}/v1/chat/completions", proxy.addr))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body = body_string(resp).await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "first_byte_timeout");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(400),
+        "{took:?}"
+    );
+    within("upstream closed", closed.recv()).await.unwrap();
+}

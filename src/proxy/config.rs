@@ -104,8 +104,9 @@ pub struct StreamSettings {
     pub keepalive_interval: Option<Duration>,
     /// Wait for the upstream's response headers before answering 504. Default: 300 s.
     pub first_byte_timeout: Duration,
-    /// Inject keepalives (an empty line) into NDJSON streams too. Default: false.
-    pub ndjson_keepalive: bool,
+    /// A line to inject as keepalive into NDJSON streams (newline added), e.g. `{"type":"keepalive"}`.
+    /// NDJSON has no comment syntax, so clients must tolerate it. Default: none (no injection).
+    pub ndjson_keepalive: Option<String>,
 }
 
 impl Default for StreamSettings {
@@ -114,7 +115,7 @@ impl Default for StreamSettings {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Some(Duration::from_secs(15)),
             first_byte_timeout: Duration::from_secs(300),
-            ndjson_keepalive: false,
+            ndjson_keepalive: None,
         }
     }
 }
@@ -320,7 +321,7 @@ struct RawStream {
     idle_timeout: Option<String>,
     keepalive_interval: Option<String>,
     first_byte_timeout: Option<String>,
-    ndjson_keepalive: Option<bool>,
+    ndjson_keepalive: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -517,7 +518,9 @@ fn write_stream(w: &mut String, s: &StreamSettings) {
     let ka = s.keepalive_interval.map(d).unwrap_or_else(|| "off".into());
     let _ = writeln!(w, "keepalive_interval = {ka:?}");
     let _ = writeln!(w, "first_byte_timeout = {:?}", d(s.first_byte_timeout));
-    let _ = writeln!(w, "ndjson_keepalive = {}", s.ndjson_keepalive);
+    if let Some(l) = &s.ndjson_keepalive {
+        let _ = writeln!(w, "ndjson_keepalive = {l:?}");
+    }
 }
 
 fn parse_toml(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
@@ -676,8 +679,15 @@ fn stream_settings(
     if let Some(v) = &raw.first_byte_timeout {
         s.first_byte_timeout = duration(&format!("{prefix}first_byte_timeout"), v)?;
     }
-    if let Some(v) = raw.ndjson_keepalive {
-        s.ndjson_keepalive = v;
+    if let Some(v) = &raw.ndjson_keepalive {
+        if v.trim().is_empty() || v.contains(['\r', '\n']) {
+            return Err(ConfigError::new(
+                format!("{prefix}ndjson_keepalive"),
+                v,
+                "must be one non-empty line (the newline is added), e.g. '{\"type\":\"keepalive\"}'",
+            ));
+        }
+        s.ndjson_keepalive = Some(v.clone());
     }
     if let Some(ka) = s.keepalive_interval {
         if ka >= s.idle_timeout {

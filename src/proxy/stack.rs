@@ -15,19 +15,39 @@ use std::task::{Context, Poll};
 use http::Request;
 use hyper::body::Incoming;
 
+use bytes::Bytes;
+use tower::ServiceBuilder;
+
 use super::config::{RouteConfig, StreamSettings};
 use super::forward::{ConnInfo, Forward};
 use super::server::{Router, ServerOptions};
+use crate::cancel::{CancelOnDisconnect, CancelOnDisconnectLayer};
+use crate::flush::{Flush, FlushLayer};
+use crate::idle_timeout::{IdleTimeout, IdleTimeoutLayer};
 
 /// The stack of one route.
-pub(crate) type RouteStack = Forward;
+pub(crate) type RouteStack = CancelOnDisconnect<Flush<IdleTimeout<Forward>>>;
 
 /// The whole application, above the per-connection wrapper.
 pub(crate) type App = Router;
 
 /// Build one route's stack from its stream settings.
-pub(crate) fn route_stack(forward: Forward, _settings: &StreamSettings) -> RouteStack {
-    forward
+pub(crate) fn route_stack(forward: Forward, s: &StreamSettings) -> RouteStack {
+    let ndjson = s
+        .ndjson_keepalive
+        .as_ref()
+        .map(|l| Bytes::from(format!("{l}\n")));
+    ServiceBuilder::new()
+        .layer(CancelOnDisconnectLayer::new())
+        .layer(FlushLayer::new())
+        .layer(
+            IdleTimeoutLayer::new()
+                .idle_timeout(s.idle_timeout)
+                .first_byte_timeout(Some(s.first_byte_timeout))
+                .keepalive_interval(s.keepalive_interval)
+                .ndjson_keepalive(ndjson),
+        )
+        .service(forward)
 }
 
 /// Wrap the router in the request-level layers.
