@@ -1,0 +1,1 @@
+//! Telemetry (placeholder while building).
