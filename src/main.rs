@@ -4,8 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
-use streamgate::proxy::{Config, ConfigError, Overrides, Server};
+use streamgate::mock::{MockConfig, MockServer};
+use streamgate::proxy::{config, Config, ConfigError, Overrides, Server, ServerOptions};
+use streamgate::telemetry::{serve_metrics, OtlpProtocol, Telemetry, TelemetryConfig};
+use streamgate::trace::StreamMetrics;
 
 /// A reverse proxy for streaming HTTP responses (SSE, NDJSON, chunked): idle timeouts with keepalives,
 /// per-chunk flushing, disconnect cancellation and two-span tracing.
@@ -100,20 +105,34 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            run(cfg, None)
+            run(cfg, |_| async {})
         }
         Command::Demo => demo(&cli.flags),
     }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
-fn run(cfg: Config, demo_upstream: Option<SocketAddr>) -> ExitCode {
-    let _ = demo_upstream;
+fn telemetry_config(cfg: &Config) -> TelemetryConfig {
+    TelemetryConfig {
+        otlp_endpoint: cfg.otlp_endpoint.clone(),
+        otlp_protocol: match cfg.otlp_protocol {
+            config::OtlpProtocol::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+            config::OtlpProtocol::Grpc => OtlpProtocol::Grpc,
+        },
+        service_name: None,
+        log_filter: None,
+    }
+}
+
+/// Serve `cfg` until SIGTERM/SIGINT; `on_ready` runs once the listeners are bound.
+fn run<F, Fut>(cfg: Config, on_ready: F) -> ExitCode
+where
+    F: FnOnce(Vec<SocketAddr>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -121,11 +140,40 @@ fn run(cfg: Config, demo_upstream: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logs();
-    let res = rt.block_on(async move {
-        let server = Server::bind(cfg).await?;
-        server.run(shutdown_signal()).await
+    let telemetry = match Telemetry::init(telemetry_config(&cfg)) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            eprintln!("streamgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = StreamMetrics::new(&telemetry.meter());
+    let metrics_listen = cfg.metrics_listen;
+    let t = telemetry.clone();
+    let res: Result<(), String> = rt.block_on(async move {
+        let opts = ServerOptions {
+            metrics: Some(metrics),
+        };
+        let server = Server::bind_with(cfg, opts).await.map_err(|e| e.to_string())?;
+        let stop_metrics = tokio_util::sync::CancellationToken::new();
+        if let Some(addr) = metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+            tracing::info!(listen = %addr, "serving Prometheus metrics at /metrics");
+            let stop = stop_metrics.clone();
+            tokio::spawn(serve_metrics(l, t, async move { stop.cancelled().await }));
+        }
+        tokio::spawn(on_ready(server.local_addrs()));
+        let r = server.run(shutdown_signal()).await.map_err(|e| e.to_string());
+        stop_metrics.cancel();
+        r
     });
+    drop(rt);
+    // Flush spans off the async runtime, bounded.
+    if let Ok(t) = Arc::try_unwrap(telemetry) {
+        t.shutdown();
+    }
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -135,16 +183,112 @@ fn run(cfg: Config, demo_upstream: Option<SocketAddr>) -> ExitCode {
     }
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+fn demo(flags: &Flags) -> ExitCode {
+    // The mock binds first so its address can be the proxy's upstream.
+    let std_listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("streamgate: cannot start the mock upstream: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mock_addr = std_listener.local_addr().expect("bound address");
+    let mut overrides = flags.overrides();
+    overrides.listen = Some(overrides.listen.unwrap_or_else(|| "127.0.0.1:8080".into()));
+    overrides.upstreams = vec![format!("http://{mock_addr}")];
+    let cfg = match Config::load(None, &overrides) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let mock_cfg = MockConfig::default();
+    let banner_cfg = mock_cfg.clone();
+    run(cfg, move |addrs| async move {
+        let _ = std_listener.set_nonblocking(true);
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("streamgate: mock upstream: {e}");
+                return;
+            }
+        };
+        let mock = match MockServer::from_listener(listener, mock_cfg) {
+            Ok(m) => m.spawn(),
+            Err(e) => {
+                eprintln!("streamgate: mock upstream: {e}");
+                return;
+            }
+        };
+        let proxy = addrs[0];
+        let body = r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"Say something"}]}"#;
+        println!();
+        println!("streamgate demo");
+        println!(
+            "  mock LLM upstream  http://{mock_addr}  (OpenAI-compatible; {} to first token, {} per token)",
+            humantime::format_duration(banner_cfg.time_to_first_token),
+            humantime::format_duration(banner_cfg.inter_token)
+        );
+        println!("  proxy              http://{proxy}");
+        println!();
+        println!("Stream tokens through the proxy:");
+        println!("  curl -N http://{proxy}/v1/chat/completions -H 'content-type: application/json' -d '{body}'");
+        println!();
+        println!("A sample answer, printed as the tokens arrive:");
+        if let Err(e) = sample(proxy, body).await {
+            eprintln!("streamgate: sample request failed: {e}");
+        }
+        println!();
+        println!("Serving until Ctrl-C.");
+        // Keep the mock alive for as long as the proxy runs.
+        std::future::pending::<()>().await;
+        drop(mock);
+    })
 }
 
-fn demo(flags: &Flags) -> ExitCode {
-    let _ = flags;
-    eprintln!("streamgate: demo is not wired yet");
-    ExitCode::FAILURE
+/// Stream one chat completion through the proxy and print the tokens as they arrive.
+async fn sample(proxy: SocketAddr, body: &'static str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))?;
+    let start = std::time::Instant::now();
+    let resp = client.request(req).await?;
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let mut first: Option<std::time::Duration> = None;
+    let mut tokens = 0usize;
+    let mut out = std::io::stdout();
+    print!("  ");
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(i) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..i + 2).collect();
+            for line in String::from_utf8_lossy(&event).lines() {
+                let Some(json) = line.strip_prefix("data: ") else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    first.get_or_insert_with(|| start.elapsed());
+                    tokens += 1;
+                    print!("{t}");
+                    let _ = out.flush();
+                }
+            }
+        }
+    }
+    println!();
+    println!(
+        "  ({tokens} tokens; first after {}, all after {})",
+        humantime::format_duration(trunc_ms(first.unwrap_or_default())),
+        humantime::format_duration(trunc_ms(start.elapsed()))
+    );
+    Ok(())
+}
+
+fn trunc_ms(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_millis(d.as_millis() as u64)
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -157,8 +157,9 @@ struct UpstreamStream {
     body: Option<Incoming>,
     info: StreamInfo,
     deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    metrics: Option<crate::trace::StreamMetrics>,
     _permit: Option<OwnedSemaphorePermit>,
-    _active: ActiveGuard,
+    active: ActiveGuard,
 }
 
 impl std::fmt::Debug for UpstreamStream {
@@ -203,14 +204,16 @@ impl ProxyBody {
         deadline: WaitForCancellationFutureOwned,
         permit: Option<OwnedSemaphorePermit>,
         active: ActiveGuard,
+        metrics: Option<crate::trace::StreamMetrics>,
     ) -> Self {
         Self {
             kind: Kind::Upstream(Box::new(UpstreamStream {
                 body: Some(body),
                 info,
                 deadline: Box::pin(deadline),
+                metrics,
                 _permit: permit,
-                _active: active,
+                active,
             })),
         }
     }
@@ -237,6 +240,10 @@ impl Body for ProxyBody {
                         Some(Err(e)) => {
                             s.body = None;
                             s.info.record_end(EndReason::UpstreamError);
+                            if let Some(m) = &s.metrics {
+                                m.upstream_error(s.active.label());
+                            }
+                            tracing::warn!(endpoint = s.active.label(), source = "upstream", error = %e, "upstream failed mid-stream");
                             Some(Err(Box::new(e) as BoxError))
                         }
                         None => {

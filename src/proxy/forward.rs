@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) drain_deadline: CancellationToken,
     /// Cancelled when shutdown starts: new requests get 503.
     pub(crate) shutting_down: CancellationToken,
+    /// Upstream error counter by endpoint, when metrics are on.
+    pub(crate) metrics: Option<crate::trace::StreamMetrics>,
 }
 
 /// A route's runtime: its settings and pool.
@@ -234,6 +236,8 @@ impl Forward {
                 up.headers_mut()
                     .insert(header::TE, HeaderValue::from_static("trailers"));
             }
+            crate::trace::record_upstream(&ep.label);
+            crate::trace::inject_context(up.headers_mut());
             let active = ActiveGuard::new(ep.clone());
             match pool.client.request(up).await {
                 Ok(resp) => {
@@ -246,11 +250,15 @@ impl Forward {
                         self.shared.drain_deadline.clone().cancelled_owned(),
                         permit,
                         active,
+                        self.shared.metrics.clone(),
                     );
                     return Ok(Response::from_parts(parts, body));
                 }
                 Err(e) => {
                     drop(active);
+                    if let Some(m) = &self.shared.metrics {
+                        m.upstream_error(&ep.label);
+                    }
                     let connect = e.is_connect();
                     let detail = error_chain(&e);
                     if connect {

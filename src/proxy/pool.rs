@@ -54,6 +54,13 @@ impl ActiveGuard {
     }
 }
 
+impl ActiveGuard {
+    /// The endpoint's label.
+    pub(crate) fn label(&self) -> &str {
+        &self.0.label
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);

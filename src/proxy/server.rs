@@ -164,6 +164,7 @@ impl Server {
             max_streams: config.max_streams,
             drain_deadline: CancellationToken::new(),
             shutting_down: CancellationToken::new(),
+            metrics: opts.metrics.clone(),
         });
         let mut pools = std::collections::BTreeMap::new();
         for (name, p) in &config.pools {

@@ -24,12 +24,13 @@ use super::server::{Router, ServerOptions};
 use crate::cancel::{CancelOnDisconnect, CancelOnDisconnectLayer};
 use crate::flush::{Flush, FlushLayer};
 use crate::idle_timeout::{IdleTimeout, IdleTimeoutLayer};
+use crate::trace::{ClientAddr, StreamTrace, StreamTraceLayer};
 
 /// The stack of one route.
 pub(crate) type RouteStack = CancelOnDisconnect<Flush<IdleTimeout<Forward>>>;
 
 /// The whole application, above the per-connection wrapper.
-pub(crate) type App = Router;
+pub(crate) type App = StreamTrace<Router>;
 
 /// Build one route's stack from its stream settings.
 pub(crate) fn route_stack(forward: Forward, s: &StreamSettings) -> RouteStack {
@@ -51,12 +52,18 @@ pub(crate) fn route_stack(forward: Forward, s: &StreamSettings) -> RouteStack {
 }
 
 /// Wrap the router in the request-level layers.
-pub(crate) fn app(router: Router, _opts: &ServerOptions) -> App {
-    router
+pub(crate) fn app(router: Router, opts: &ServerOptions) -> App {
+    let mut trace = StreamTraceLayer::new();
+    if let Some(m) = &opts.metrics {
+        trace = trace.metrics(m.clone());
+    }
+    ServiceBuilder::new().layer(trace).service(router)
 }
 
 /// Called with the matched route inside the request span.
-pub(crate) fn on_route(_route: &RouteConfig) {}
+pub(crate) fn on_route(route: &RouteConfig) {
+    crate::trace::record_route(&route.path_prefix);
+}
 
 /// Per-connection wrapper: puts the connection facts into every request's extensions.
 #[derive(Clone, Debug)]
@@ -80,6 +87,7 @@ impl tower::Service<Request<Incoming>> for WithConnInfo {
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.info);
+        req.extensions_mut().insert(ClientAddr(self.info.remote));
         self.inner.call(req)
     }
 }
