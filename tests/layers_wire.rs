@@ -264,7 +264,7 @@ async fn heartbeats_arrive_at_the_interval_during_handler_silence() {
     let gaps: Vec<u128> = beats.windows(2).map(|w| ms(w[1] - w[0])).collect();
     eprintln!("heartbeat gaps (ms) at a 100 ms interval: {gaps:?}");
     for gap in &gaps {
-        assert!((80..=400).contains(gap), "gaps {gaps:?}");
+        assert!((80..=600).contains(gap), "gaps {gaps:?}");
     }
     assert!(ms(beats[4] - beats[0]) >= 390, "gaps {gaps:?}");
 
@@ -298,7 +298,7 @@ async fn idle_cut_drops_the_upstream_and_aborts_without_a_terminating_chunk() {
     within(body.closed()).await;
     let cut_after = ms(sent_at.elapsed());
     eprintln!("idle cut after {cut_after} ms (idle timeout 300 ms)");
-    assert!((280..=800).contains(&cut_after), "{cut_after}");
+    assert!((280..=1500).contains(&cut_after), "{cut_after}");
 
     let mut keepalives = 0;
     let tail = loop {

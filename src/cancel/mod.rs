@@ -70,3 +70,5 @@ mod layer;
 
 pub use body::CancelBody;
 pub use layer::{CancelOnDisconnect, CancelOnDisconnectLayer, ResponseFuture};
+/// The token type put in request extensions, re-exported from `tokio_util` for handlers.
+pub use tokio_util::sync::CancellationToken;
