@@ -237,7 +237,7 @@ where
         let mut this = self.project();
         let after = this.config.first_byte.unwrap_or_default();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            // Polled again after the deadline answered: answer the same.
+            // Polled after completion (a caller bug): answer 504 again rather than panic.
             return Poll::Ready(Ok(gateway_timeout(after)));
         };
         // Data first: a response that is ready at the deadline wins.

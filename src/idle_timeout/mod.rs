@@ -98,14 +98,15 @@
 //!     )
 //!     .service(handler);
 //!
-//! let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
-//! let mut frame = || async { body.frame().await.unwrap() };
-//! assert_eq!(frame().await.unwrap().into_data().unwrap(), "data: hi\n\n");
+//! let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+//! let mut body = std::pin::pin!(body);
+//! let text = |frame: Option<Result<Frame<Bytes>, _>>| frame.unwrap().unwrap().into_data().unwrap();
+//! assert_eq!(text(body.frame().await), "data: hi\n\n");
 //! // 15 s and 30 s of silence: keepalives.
-//! assert_eq!(frame().await.unwrap().into_data().unwrap(), ": keepalive\n");
-//! assert_eq!(frame().await.unwrap().into_data().unwrap(), ": keepalive\n");
+//! assert_eq!(text(body.frame().await), ": keepalive\n");
+//! assert_eq!(text(body.frame().await), ": keepalive\n");
 //! // 40 s without an upstream frame: the stream is cut with an error.
-//! let err = frame().await.unwrap_err();
+//! let err = body.frame().await.unwrap().unwrap_err();
 //! let err = err.downcast_ref::<IdleTimeoutError>().unwrap();
 //! assert_eq!(err.kind(), IdleTimeoutKind::Idle);
 //! assert_eq!(err.after(), Duration::from_secs(40));

@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use streamgate::idle_timeout::IdleTimeoutLayer;
 use streamgate::{BoxError, StreamInfo};
 use tokio::time::{Instant, Sleep};
 use tower::{service_fn, Layer, Service, ServiceExt};
@@ -348,4 +349,39 @@ pub(crate) fn texts(items: &[(Duration, Item)]) -> Vec<(u128, String)> {
                 .map(|d| (at.as_millis(), String::from_utf8_lossy(d).into_owned()))
         })
         .collect()
+}
+
+/// The default SSE keepalive line.
+pub(crate) const KA: &str = ": keepalive\n";
+/// The event-stream content type.
+pub(crate) const SSE: Option<&str> = Some("text/event-stream");
+
+/// An IdleTimeoutLayer with the given keepalive interval and idle timeout, in seconds.
+pub(crate) fn layer(ka_s: u64, idle_s: u64) -> IdleTimeoutLayer {
+    IdleTimeoutLayer::new()
+        .keepalive_interval(Some(Duration::from_secs(ka_s)))
+        .idle_timeout(Duration::from_secs(idle_s))
+}
+
+/// A `(millis, text)` pair, as [`texts`] returns.
+pub(crate) fn t(ms: u128, s: &str) -> (u128, String) {
+    (ms, s.to_owned())
+}
+
+/// Run `layer` around one response with `body`, returning the drained items and the request's info.
+pub(crate) async fn run(
+    layer: IdleTimeoutLayer,
+    ct: Option<&str>,
+    body: ScriptedBody,
+) -> (Vec<(Duration, Item)>, streamgate::StreamInfo) {
+    let (req, info) = request();
+    let start = Instant::now();
+    let res = call_with(layer, req, Duration::ZERO, response(ct, body)).await;
+    (drain(res.into_body(), start).await, info)
+}
+
+/// The time (ms) and kind of the last drained item.
+pub(crate) fn end_at(items: &[(Duration, Item)]) -> (u128, &Item) {
+    let (at, item) = items.last().expect("drained at least the end");
+    (at.as_millis(), item)
 }
