@@ -30,19 +30,13 @@
 
 mod export;
 mod prometheus;
+mod serve;
 
-use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use opentelemetry::metrics::{Meter, MeterProvider as _, ObservableCounter};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
@@ -52,7 +46,6 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tokio::net::TcpListener;
 use tracing::level_filters::LevelFilter;
 use tracing::Subscriber;
 use tracing_subscriber::filter::{EnvFilter, Targets};
@@ -63,6 +56,7 @@ use tracing_subscriber::Layer;
 
 use export::{ExportRuntime, HyperHttpClient, QueueConfig, QueueSpanProcessor, QueueStats};
 use prometheus::SharedReader;
+pub use serve::serve_metrics;
 
 /// Default service name when neither the config nor the environment names one.
 pub const DEFAULT_SERVICE_NAME: &str = "streamgate";
@@ -425,6 +419,18 @@ fn resource(service_name: Option<&str>) -> Resource {
     }
 }
 
+/// Per-request OTLP timeout as the exporter builders resolve it: `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`,
+/// else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else 10 s.
+fn otlp_timeout_from_env() -> Duration {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|v| env_nonempty(v)?.trim().parse::<u64>().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
 fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
@@ -485,7 +491,7 @@ fn build_tracing(
     let queue = QueueConfig::from_env();
     let mut exporter = match protocol {
         OtlpProtocol::HttpProtobuf => {
-            let client = HyperHttpClient::new(runtime.handle().clone(), queue.export_timeout)
+            let client = HyperHttpClient::new(runtime.handle().clone(), otlp_timeout_from_env())
                 .map_err(|e| TelemetryError::Exporter(format!("TLS setup failed: {e}")))?;
             let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
@@ -525,67 +531,6 @@ fn build_tracing(
         runtime,
         endpoint,
     })
-}
-
-/// Serve `GET /metrics` (and `HEAD`) on `listener` in the Prometheus text format until `shutdown`
-/// completes; every other request gets 404. Open connections get up to 5 s to finish after
-/// `shutdown`.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    telemetry: Arc<Telemetry>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let telemetry = Arc::clone(&telemetry);
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let response = metrics_response(&telemetry, req.method(), req.uri().path());
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(target: "streamgate::telemetry", error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
-}
-
-fn metrics_response(telemetry: &Telemetry, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    if path != "/metrics" || (method != Method::GET && method != Method::HEAD) {
-        let mut r = Response::new(Full::new(Bytes::from_static(
-            b"not found; try GET /metrics\n",
-        )));
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        return r;
-    }
-    let text = telemetry.render_prometheus();
-    let body = if method == Method::HEAD {
-        Bytes::new()
-    } else {
-        Bytes::from(text)
-    };
-    let mut r = Response::new(Full::new(body));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
-    );
-    r
 }
 
 #[cfg(test)]
@@ -641,22 +586,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("log_filter"), "{err}");
-    }
-
-    #[test]
-    fn metrics_endpoint_routes() {
-        let t = Telemetry::new(TelemetryConfig::default()).unwrap();
-        let ok = metrics_response(&t, &Method::GET, "/metrics");
-        assert_eq!(ok.status(), StatusCode::OK);
-        assert_eq!(ok.headers()["content-type"], PROMETHEUS_CONTENT_TYPE);
-        assert_eq!(
-            metrics_response(&t, &Method::GET, "/").status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            metrics_response(&t, &Method::POST, "/metrics").status(),
-            StatusCode::NOT_FOUND
-        );
-        t.shutdown();
     }
 }
