@@ -179,7 +179,7 @@ struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     stats: Arc<QueueStats>,
-    runtime: ExportRuntime,
+    runtime: std::sync::Mutex<ExportRuntime>,
     endpoint: String,
 }
 
@@ -191,7 +191,7 @@ pub struct Telemetry {
     tracing: Option<Tracing>,
     _observers: Vec<ObservableCounter<u64>>,
     log_filter: String,
-    shut_down: bool,
+    shut_down: std::sync::atomic::AtomicBool,
 }
 
 impl Telemetry {
@@ -213,6 +213,10 @@ impl Telemetry {
             .with(telemetry.otel_layer())
             .try_init()
             .map_err(|_| TelemetryError::SubscriberAlreadySet)?;
+        // streamgate's own layer never needs it; other instrumentation in the process may.
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
         Ok(telemetry)
     }
 
@@ -281,7 +285,7 @@ impl Telemetry {
             tracing,
             _observers: observers,
             log_filter,
-            shut_down: false,
+            shut_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -353,9 +357,9 @@ impl Telemetry {
 
     /// Export the spans ended so far and wait (at most 5 s) for the collector's answer.
     ///
-    /// Blocks the calling thread; on a multi-thread tokio runtime it lets the worker's other tasks
-    /// move elsewhere meanwhile. The export itself runs on the telemetry thread, so this is safe on
-    /// any runtime.
+    /// Blocks the calling thread (see [`shutdown`](Self::shutdown) for why that is safe in async
+    /// code). Note that a collector served by the *same* current-thread runtime cannot answer while
+    /// that runtime's only thread waits here.
     pub fn force_flush(&self) -> Result<(), TelemetryError> {
         let Some(t) = &self.tracing else {
             return Ok(());
@@ -364,33 +368,44 @@ impl Telemetry {
         blocking(move || provider.force_flush()).map_err(|e| TelemetryError::Flush(e.to_string()))
     }
 
-    /// Flush the last spans (bounded: at most 5 s) and stop exporting. Safe to call from async code:
-    /// the waiting happens off the runtime's task (see [`force_flush`](Self::force_flush)).
-    pub fn shutdown(mut self) {
-        self.shutdown_inner();
-    }
-
-    fn shutdown_inner(&mut self) {
-        if std::mem::replace(&mut self.shut_down, true) {
+    /// Flush the last spans and stop exporting; idempotent. Bounded: at most 5 s waiting for the
+    /// collector, plus at most 100 ms to stop the export thread.
+    ///
+    /// Safe from async code on any runtime flavour: the export work runs on the telemetry thread, so
+    /// waiting for it cannot deadlock; the calling thread is blocked meanwhile (on a multi-thread
+    /// runtime through `block_in_place`, so that worker's other tasks move on). Takes `&self` so it
+    /// also works on the `Arc` shared with [`serve_metrics`].
+    pub fn shutdown(&self) {
+        if self
+            .shut_down
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
         }
-        if let Some(mut t) = self.tracing.take() {
+        if let Some(t) = &self.tracing {
             let provider = t.provider.clone();
             let result = blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
             if let Err(e) = result {
                 tracing::warn!(target: "streamgate::telemetry", error = %e, "span export shutdown incomplete");
             }
-            t.runtime.stop();
+            t.stop_runtime();
         }
         let _ = self.meter_provider.shutdown();
+    }
+}
+
+impl Tracing {
+    fn stop_runtime(&self) {
+        let mut rt = self.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        rt.stop();
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
         // Dropped without `shutdown`: stop the export thread without waiting for a flush.
-        if let Some(t) = &mut self.tracing {
-            t.runtime.stop();
+        if let Some(t) = &self.tracing {
+            t.stop_runtime();
         }
     }
 }
@@ -528,7 +543,7 @@ fn build_tracing(
         provider,
         tracer,
         stats,
-        runtime,
+        runtime: std::sync::Mutex::new(runtime),
         endpoint,
     })
 }
