@@ -30,19 +30,13 @@
 
 mod export;
 mod prometheus;
+mod serve;
 
-use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use opentelemetry::metrics::{Meter, MeterProvider as _, ObservableCounter};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
@@ -52,7 +46,6 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tokio::net::TcpListener;
 use tracing::level_filters::LevelFilter;
 use tracing::Subscriber;
 use tracing_subscriber::filter::{EnvFilter, Targets};
@@ -63,6 +56,7 @@ use tracing_subscriber::Layer;
 
 use export::{ExportRuntime, HyperHttpClient, QueueConfig, QueueSpanProcessor, QueueStats};
 use prometheus::SharedReader;
+pub use serve::serve_metrics;
 
 /// Default service name when neither the config nor the environment names one.
 pub const DEFAULT_SERVICE_NAME: &str = "streamgate";
@@ -185,7 +179,7 @@ struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     stats: Arc<QueueStats>,
-    runtime: ExportRuntime,
+    runtime: std::sync::Mutex<ExportRuntime>,
     endpoint: String,
 }
 
@@ -197,7 +191,7 @@ pub struct Telemetry {
     tracing: Option<Tracing>,
     _observers: Vec<ObservableCounter<u64>>,
     log_filter: String,
-    shut_down: bool,
+    shut_down: std::sync::atomic::AtomicBool,
 }
 
 impl Telemetry {
@@ -219,6 +213,10 @@ impl Telemetry {
             .with(telemetry.otel_layer())
             .try_init()
             .map_err(|_| TelemetryError::SubscriberAlreadySet)?;
+        // streamgate's own layer never needs it; other instrumentation in the process may.
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
         Ok(telemetry)
     }
 
@@ -287,7 +285,7 @@ impl Telemetry {
             tracing,
             _observers: observers,
             log_filter,
-            shut_down: false,
+            shut_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -359,9 +357,9 @@ impl Telemetry {
 
     /// Export the spans ended so far and wait (at most 5 s) for the collector's answer.
     ///
-    /// Blocks the calling thread; on a multi-thread tokio runtime it lets the worker's other tasks
-    /// move elsewhere meanwhile. The export itself runs on the telemetry thread, so this is safe on
-    /// any runtime.
+    /// Blocks the calling thread (see [`shutdown`](Self::shutdown) for why that is safe in async
+    /// code). Note that a collector served by the *same* current-thread runtime cannot answer while
+    /// that runtime's only thread waits here.
     pub fn force_flush(&self) -> Result<(), TelemetryError> {
         let Some(t) = &self.tracing else {
             return Ok(());
@@ -370,33 +368,44 @@ impl Telemetry {
         blocking(move || provider.force_flush()).map_err(|e| TelemetryError::Flush(e.to_string()))
     }
 
-    /// Flush the last spans (bounded: at most 5 s) and stop exporting. Safe to call from async code:
-    /// the waiting happens off the runtime's task (see [`force_flush`](Self::force_flush)).
-    pub fn shutdown(mut self) {
-        self.shutdown_inner();
-    }
-
-    fn shutdown_inner(&mut self) {
-        if std::mem::replace(&mut self.shut_down, true) {
+    /// Flush the last spans and stop exporting; idempotent. Bounded: at most 5 s waiting for the
+    /// collector, plus at most 100 ms to stop the export thread.
+    ///
+    /// Safe from async code on any runtime flavour: the export work runs on the telemetry thread, so
+    /// waiting for it cannot deadlock; the calling thread is blocked meanwhile (on a multi-thread
+    /// runtime through `block_in_place`, so that worker's other tasks move on). Takes `&self` so it
+    /// also works on the `Arc` shared with [`serve_metrics`].
+    pub fn shutdown(&self) {
+        if self
+            .shut_down
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
         }
-        if let Some(mut t) = self.tracing.take() {
+        if let Some(t) = &self.tracing {
             let provider = t.provider.clone();
             let result = blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
             if let Err(e) = result {
                 tracing::warn!(target: "streamgate::telemetry", error = %e, "span export shutdown incomplete");
             }
-            t.runtime.stop();
+            t.stop_runtime();
         }
         let _ = self.meter_provider.shutdown();
+    }
+}
+
+impl Tracing {
+    fn stop_runtime(&self) {
+        let mut rt = self.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        rt.stop();
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
         // Dropped without `shutdown`: stop the export thread without waiting for a flush.
-        if let Some(t) = &mut self.tracing {
-            t.runtime.stop();
+        if let Some(t) = &self.tracing {
+            t.stop_runtime();
         }
     }
 }
@@ -423,6 +432,18 @@ fn resource(service_name: Option<&str>) -> Resource {
             .build(),
         None => detected,
     }
+}
+
+/// Per-request OTLP timeout as the exporter builders resolve it: `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`,
+/// else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else 10 s.
+fn otlp_timeout_from_env() -> Duration {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|v| env_nonempty(v)?.trim().parse::<u64>().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis)
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -485,7 +506,7 @@ fn build_tracing(
     let queue = QueueConfig::from_env();
     let mut exporter = match protocol {
         OtlpProtocol::HttpProtobuf => {
-            let client = HyperHttpClient::new(runtime.handle().clone(), queue.export_timeout)
+            let client = HyperHttpClient::new(runtime.handle().clone(), otlp_timeout_from_env())
                 .map_err(|e| TelemetryError::Exporter(format!("TLS setup failed: {e}")))?;
             let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
@@ -522,70 +543,9 @@ fn build_tracing(
         provider,
         tracer,
         stats,
-        runtime,
+        runtime: std::sync::Mutex::new(runtime),
         endpoint,
     })
-}
-
-/// Serve `GET /metrics` (and `HEAD`) on `listener` in the Prometheus text format until `shutdown`
-/// completes; every other request gets 404. Open connections get up to 5 s to finish after
-/// `shutdown`.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    telemetry: Arc<Telemetry>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let telemetry = Arc::clone(&telemetry);
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let response = metrics_response(&telemetry, req.method(), req.uri().path());
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(target: "streamgate::telemetry", error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
-}
-
-fn metrics_response(telemetry: &Telemetry, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    if path != "/metrics" || (method != Method::GET && method != Method::HEAD) {
-        let mut r = Response::new(Full::new(Bytes::from_static(
-            b"not found; try GET /metrics\n",
-        )));
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        return r;
-    }
-    let text = telemetry.render_prometheus();
-    let body = if method == Method::HEAD {
-        Bytes::new()
-    } else {
-        Bytes::from(text)
-    };
-    let mut r = Response::new(Full::new(body));
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
-    );
-    r
 }
 
 #[cfg(test)]
@@ -641,22 +601,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("log_filter"), "{err}");
-    }
-
-    #[test]
-    fn metrics_endpoint_routes() {
-        let t = Telemetry::new(TelemetryConfig::default()).unwrap();
-        let ok = metrics_response(&t, &Method::GET, "/metrics");
-        assert_eq!(ok.status(), StatusCode::OK);
-        assert_eq!(ok.headers()["content-type"], PROMETHEUS_CONTENT_TYPE);
-        assert_eq!(
-            metrics_response(&t, &Method::GET, "/").status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            metrics_response(&t, &Method::POST, "/metrics").status(),
-            StatusCode::NOT_FOUND
-        );
-        t.shutdown();
     }
 }

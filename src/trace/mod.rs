@@ -63,6 +63,29 @@
 //!
 //! Without any subscriber, or with a subscriber that has no OpenTelemetry layer, the layer still works
 //! (spans are plain tracing spans, or disabled) and still records metrics and the access log.
+//!
+//! ## Wiring
+//!
+//! ```
+//! use streamgate::telemetry::{Telemetry, TelemetryConfig};
+//! use streamgate::trace::{inject_context, record_route, StreamMetrics, StreamTraceLayer};
+//!
+//! // The binary calls `Telemetry::init` instead, which also installs the global subscriber.
+//! let telemetry = Telemetry::new(TelemetryConfig::default())?;
+//! let layer = StreamTraceLayer::new().metrics(StreamMetrics::new(&telemetry.meter()));
+//!
+//! // Inside the service wrapped by `layer`, while building the upstream request:
+//! record_route("/v1/chat/completions");
+//! let mut upstream_headers = http::HeaderMap::new();
+//! inject_context(&mut upstream_headers);
+//! # let _ = layer;
+//! # Ok::<(), streamgate::telemetry::TelemetryError>(())
+//! ```
+//!
+//! Spawning a hyper connection whose service or body error is `BoxError` can fail to compile with
+//! "implementation of `From` is not general enough" (rust-lang/rust#64552). Spawn it from a small
+//! function generic over the service and body types instead; `tests/trace_otlp.rs` has one
+//! (`spawn_connection`).
 
 mod body;
 mod metrics;
