@@ -305,13 +305,13 @@ async fn header_overrides_pace_and_shape_the_stream() {
     let before = streamgate::mock::monotonic_nanos();
     let token_frames = &fr[..4];
     assert!(token_frames[0].0 - sent >= Duration::from_millis(60));
-    for w in token_frames.windows(2) {
-        let gap = w[1].0 - w[0].0;
-        assert!(
-            gap >= Duration::from_millis(20),
-            "tokens arrive paced, got {gap:?}"
-        );
-    }
+    // Arrival gaps can shrink when one token is delayed on a busy machine; arrival times can only
+    // be late, so bound them from below, and check the pacing itself on the emit timestamps.
+    let last = token_frames[3].0 - sent;
+    assert!(
+        last >= Duration::from_millis(60 + 3 * 25),
+        "paced: last token after {last:?}"
+    );
     let mut emits = Vec::new();
     for (_, f) in token_frames {
         assert_eq!(f.len(), 512, "padded to x-mock-chunk-bytes");

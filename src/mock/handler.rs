@@ -19,6 +19,10 @@ use crate::BoxError;
 
 /// Largest request body the mock reads.
 const MAX_BODY: usize = 1 << 20;
+/// Largest `x-mock-tokens`: a header must not make the mock build a multi-gigabyte answer.
+const MAX_TOKENS: usize = 10_000_000;
+/// Largest `x-mock-chunk-bytes`.
+const MAX_CHUNK_BYTES: usize = 16 << 20;
 
 /// State shared by all connections of one server.
 #[derive(Debug)]
@@ -85,7 +89,13 @@ impl Plan {
                 "inter-token-ms" => {
                     p.script.inter_token = parse_ms(v).ok_or_else(|| bad("milliseconds"))?
                 }
-                "tokens" => p.script.tokens = v.parse().map_err(|_| bad("a token count"))?,
+                "tokens" => {
+                    p.script.tokens = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| n <= MAX_TOKENS)
+                        .ok_or_else(|| bad("a token count up to 10000000"))?
+                }
                 "silence" => {
                     let (silence, at) = parse_silence(v).ok_or_else(|| {
                         bad("N:MS or N:MS:AT with AT one of boundary, mid, cr (or none)")
@@ -108,7 +118,13 @@ impl Plan {
                         _ => return Err(bad("sse or ndjson")),
                     }
                 }
-                "chunk-bytes" => p.chunk_bytes = v.parse().map_err(|_| bad("a byte count"))?,
+                "chunk-bytes" => {
+                    p.chunk_bytes = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| n <= MAX_CHUNK_BYTES)
+                        .ok_or_else(|| bad("a byte count up to 16 MiB"))?
+                }
                 "line-ending" => {
                     p.line_ending = LineEnding::parse(v).ok_or_else(|| bad("lf, crlf or cr"))?
                 }
@@ -526,6 +542,8 @@ mod tests {
     fn malformed_headers_are_named() {
         for (k, v) in [
             ("x-mock-tokens", "many"),
+            ("x-mock-tokens", "10000001"),
+            ("x-mock-chunk-bytes", "999999999"),
             ("x-mock-ttft-ms", "-1"),
             ("x-mock-silence", "5"),
             ("x-mock-silence", "5:10:sideways"),

@@ -45,12 +45,12 @@
 //! |---|---|---|
 //! | `x-mock-ttft-ms` | milliseconds, decimals allowed (`0.5`) | [`time_to_first_token`](MockConfig::time_to_first_token) |
 //! | `x-mock-inter-token-ms` | milliseconds, decimals allowed | [`inter_token`](MockConfig::inter_token) |
-//! | `x-mock-tokens` | count | [`tokens`](MockConfig::tokens) |
+//! | `x-mock-tokens` | count, at most 10,000,000 | [`tokens`](MockConfig::tokens) |
 //! | `x-mock-silence` | `N:MS` or `N:MS:AT`, `AT` one of `boundary`, `mid`, `cr` (e.g. `5:2000`: after 5 tokens, 2000 ms of silence); `none` disables | [`silence`](MockConfig::silence), [`silence_at`](MockConfig::silence_at) |
 //! | `x-mock-abort-after` | count of tokens, or `none` | [`abort_after`](MockConfig::abort_after) |
 //! | `x-mock-split` | `1`/`0` (`true`/`false`, `yes`/`no`, `on`/`off`) | [`split_events`](MockConfig::split_events) |
 //! | `x-mock-format` | `sse` or `ndjson` | [`ndjson`](MockConfig::ndjson) |
-//! | `x-mock-chunk-bytes` | bytes (0 = no padding) | [`chunk_bytes`](MockConfig::chunk_bytes) |
+//! | `x-mock-chunk-bytes` | bytes, at most 16 MiB (0 = no padding) | [`chunk_bytes`](MockConfig::chunk_bytes) |
 //! | `x-mock-line-ending` | `lf`, `crlf` or `cr` | [`line_ending`](MockConfig::line_ending) |
 //! | `x-mock-status` | a status in `400..=599` | [`status`](MockConfig::status): answer it at once with an OpenAI-style error body |
 //! | `x-mock-emit-time` | `1`/`0` | [`emit_time`](MockConfig::emit_time) |

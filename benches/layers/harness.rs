@@ -1,0 +1,180 @@
+//! A harness that drives any `http_body::Body<Data = Bytes>` wrapper over many small in-memory
+//! frames, the way hyper does, so the per-frame cost of each streamgate layer can be compared with the
+//! bare body.
+//!
+//! Two entry points:
+//! - [`bench_body`]: wrap the in-memory body directly (`|inner| MyBody::new(inner)`).
+//! - [`bench_layer`]: put a tower `Layer` in front of an in-memory upstream service and measure a
+//!   whole request: one `call`, then every frame of the response body (per-request work is amortised
+//!   over the frames).
+//!
+//! Both report `Throughput::Elements(frames)`, so criterion prints frames per second; the time per
+//! iteration divided by the frame count is the per-frame cost.
+
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Throughput};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty};
+use tokio::runtime::Runtime;
+use tower::{Layer, Service, ServiceExt};
+
+/// An always-ready body handing out a fixed list of frames, as a fast upstream would.
+///
+/// Frames are `Bytes` clones of one shared list: no allocation per frame, so the bare drain measures
+/// the poll machinery, not the allocator. The size is unknown (like a chunked upstream) and
+/// `is_end_stream()` turns true right after the last frame, as hyper's `Incoming` does when it knows.
+#[derive(Clone, Debug)]
+pub(crate) struct FrameBody {
+    frames: Arc<[Bytes]>,
+    next: usize,
+}
+
+impl FrameBody {
+    pub(crate) fn new(frames: Arc<[Bytes]>) -> Self {
+        Self { frames, next: 0 }
+    }
+}
+
+impl Body for FrameBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(f) = self.frames.get(self.next).cloned() else {
+            return Poll::Ready(None);
+        };
+        self.next += 1;
+        Poll::Ready(Some(Ok(Frame::data(f))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next >= self.frames.len()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// The upstream service of [`bench_layer`]: answers every request with a fresh [`FrameBody`].
+#[derive(Clone, Debug)]
+pub(crate) struct Upstream {
+    frames: Arc<[Bytes]>,
+}
+
+impl Service<Request<Empty<Bytes>>> for Upstream {
+    type Response = Response<FrameBody>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<FrameBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<Empty<Bytes>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(FrameBody::new(self.frames.clone()))))
+    }
+}
+
+/// Drain `body` as hyper does: poll frames until `None`, an error, or `is_end_stream()` right after
+/// a frame. Returns the data bytes seen.
+pub(crate) async fn drain<B>(body: B) -> u64
+where
+    B: Body<Data = Bytes>,
+    B::Error: Debug,
+{
+    let mut body = pin!(body);
+    let mut bytes = 0u64;
+    while let Some(f) = body.frame().await {
+        let f = f.expect("the benchmarked body failed");
+        if let Some(d) = f.data_ref() {
+            bytes += d.len() as u64;
+        }
+        std::hint::black_box(&f);
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    bytes
+}
+
+/// A current-thread runtime with timers, so wrappers that arm a `tokio::time::Sleep` work.
+pub(crate) fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Benchmark draining `frames` through the body `make` builds around the in-memory body.
+///
+/// `make` is called once per iteration (its cost is measured with the frames, amortised over them).
+/// Before measuring, checks once that at least every upstream byte came out.
+pub(crate) fn bench_body<B, F>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    frames: &Arc<[Bytes]>,
+    make: F,
+) where
+    F: Fn(FrameBody) -> B,
+    B: Body<Data = Bytes>,
+    B::Error: Debug,
+{
+    let rt = runtime();
+    let expected: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    let got = rt.block_on(drain(make(FrameBody::new(frames.clone()))));
+    assert!(got >= expected, "{name}: {got} bytes out of {expected} in");
+    g.throughput(Throughput::Elements(frames.len() as u64));
+    g.bench_function(name, |b| {
+        b.iter(|| rt.block_on(drain(make(FrameBody::new(frames.clone())))))
+    });
+}
+
+/// Benchmark one request through `layer` in front of an in-memory upstream answering `frames`: the
+/// `call`, then the whole response body.
+pub(crate) fn bench_layer<L, B>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    frames: &Arc<[Bytes]>,
+    layer: L,
+) where
+    L: Layer<Upstream>,
+    L::Service: Service<Request<Empty<Bytes>>, Response = Response<B>>,
+    <L::Service as Service<Request<Empty<Bytes>>>>::Error: Debug,
+    B: Body<Data = Bytes>,
+    B::Error: Debug,
+{
+    let rt = runtime();
+    let mut svc = layer.layer(Upstream {
+        frames: frames.clone(),
+    });
+    let expected: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    let mut one_request = move || {
+        let fut = async {
+            let res = svc
+                .ready()
+                .await
+                .expect("service ready")
+                .call(Request::new(Empty::new()))
+                .await
+                .expect("service call");
+            drain(res.into_body()).await
+        };
+        rt.block_on(fut)
+    };
+    let got = one_request();
+    assert!(got >= expected, "{name}: {got} bytes out of {expected} in");
+    g.throughput(Throughput::Elements(frames.len() as u64));
+    g.bench_function(name, |b| b.iter(&mut one_request));
+}
