@@ -207,7 +207,9 @@ impl Telemetry {
                 value: telemetry.log_filter.clone(),
                 reason: e.to_string(),
             })?;
-        let fmt = tracing_subscriber::fmt::layer().with_filter(fmt_filter);
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(fmt_filter);
         tracing_subscriber::registry()
             .with(fmt)
             .with(telemetry.otel_layer())
