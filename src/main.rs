@@ -112,7 +112,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn telemetry_config(cfg: &Config) -> TelemetryConfig {
@@ -154,7 +156,9 @@ where
         let opts = ServerOptions {
             metrics: Some(metrics),
         };
-        let server = Server::bind_with(cfg, opts).await.map_err(|e| e.to_string())?;
+        let server = Server::bind_with(cfg, opts)
+            .await
+            .map_err(|e| e.to_string())?;
         let stop_metrics = tokio_util::sync::CancellationToken::new();
         if let Some(addr) = metrics_listen {
             let l = tokio::net::TcpListener::bind(addr)
@@ -165,7 +169,10 @@ where
             tokio::spawn(serve_metrics(l, t, async move { stop.cancelled().await }));
         }
         tokio::spawn(on_ready(server.local_addrs()));
-        let r = server.run(shutdown_signal()).await.map_err(|e| e.to_string());
+        let r = server
+            .run(shutdown_signal())
+            .await
+            .map_err(|e| e.to_string());
         stop_metrics.cancel();
         r
     });
@@ -245,14 +252,19 @@ fn demo(flags: &Flags) -> ExitCode {
 }
 
 /// Stream one chat completion through the proxy and print the tokens as they arrive.
-async fn sample(proxy: SocketAddr, body: &'static str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn sample(
+    proxy: SocketAddr,
+    body: &'static str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::BodyExt;
     use std::io::Write;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))?;
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))?;
     let start = std::time::Instant::now();
     let resp = client.request(req).await?;
     let mut body = resp.into_body();
@@ -262,13 +274,19 @@ async fn sample(proxy: SocketAddr, body: &'static str) -> Result<(), Box<dyn std
     let mut out = std::io::stdout();
     print!("  ");
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&data);
         while let Some(i) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..i + 2).collect();
             for line in String::from_utf8_lossy(&event).lines() {
-                let Some(json) = line.strip_prefix("data: ") else { continue };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+                let Some(json) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+                    continue;
+                };
                 if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
                     first.get_or_insert_with(|| start.elapsed());
                     tokens += 1;

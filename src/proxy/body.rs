@@ -64,7 +64,7 @@ impl UpstreamRequestBody {
         ReplayHandle {
             slot: self.slot.clone(),
             end_stream: self.end_stream,
-            hint: self.hint.clone(),
+            hint: self.hint,
         }
     }
 }
@@ -88,7 +88,7 @@ impl ReplayHandle {
             slot: self.slot.clone(),
             taken: None,
             end_stream: self.end_stream,
-            hint: self.hint.clone(),
+            hint: self.hint,
         })
     }
 
@@ -133,7 +133,7 @@ impl Body for UpstreamRequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.taken {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }

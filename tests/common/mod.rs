@@ -94,6 +94,11 @@ pub fn config(upstreams: &[SocketAddr], extra_defaults: &str) -> String {
     )
 }
 
+/// A test response body.
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+/// The sending half of a [`streamed`] response.
+pub type ChunkSender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
 pub type Handler = Arc<
     dyn Fn(
             Request<Incoming>,
@@ -211,12 +216,7 @@ pub fn full(
 }
 
 /// A streamed response fed through the returned sender: `Ok(bytes)` is a chunk, `Err` aborts the body.
-pub fn streamed(
-    ctype: &str,
-) -> (
-    mpsc::Sender<Result<Bytes, std::io::Error>>,
-    Response<BoxBody<Bytes, std::io::Error>>,
-) {
+pub fn streamed(ctype: &str) -> (ChunkSender, Response<TestBody>) {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item.map(Frame::data), rx))
