@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,28 +17,54 @@ fn epoch() -> Instant {
     *E.get_or_init(Instant::now)
 }
 
-/// An upstream that sends `n` SSE events `gap` apart, each carrying its emit time (ns since `epoch()`).
-async fn ticking(n: usize, gap: Duration) -> Upstream {
+/// Heavy tests in this file measure time and process-wide memory: run them one at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// An upstream whose every stream carries the same events, sent at the same instants by one ticker:
+/// `n` events `gap` apart, each with its index. A direct stream and a proxied stream open at the same
+/// time then see each event emitted once, so their arrival times can be paired event by event and the
+/// machine's scheduling noise cancels out.
+async fn ticking(n: usize, gap: Duration, streams: usize) -> Upstream {
     epoch();
-    Upstream::start(move |_| async move {
-        let (tx, resp) = streamed("text/event-stream");
+    let (tx, _) = tokio::sync::broadcast::channel::<Bytes>(n + 1);
+    let ready = Arc::new(tokio::sync::Semaphore::new(0));
+    {
+        let tx = tx.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
+            // Start only when every stream is subscribed.
+            let _ = ready.acquire_many(streams as u32).await;
             let mut tick = tokio::time::interval(gap);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for i in 0..n {
                 tick.tick().await;
-                let ev = format!("id: {i}\ndata: {}\n\n", epoch().elapsed().as_nanos());
-                if tx.send(Ok(Bytes::from(ev))).await.is_err() {
-                    return;
-                }
+                let _ = tx.send(Bytes::from(format!("id: {i}\ndata: {i}\n\n")));
             }
         });
-        resp
+    }
+    Upstream::start(move |_| {
+        let mut rx = tx.subscribe();
+        let ready = ready.clone();
+        async move {
+            let (out, resp) = streamed("text/event-stream");
+            tokio::spawn(async move {
+                ready.add_permits(1);
+                while let Ok(ev) = rx.recv().await {
+                    if out.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            resp
+        }
     })
     .await
 }
 
-fn emit_times(chunk: &[u8]) -> Vec<u128> {
+fn event_ids(chunk: &[u8]) -> Vec<usize> {
     String::from_utf8_lossy(chunk)
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -50,29 +76,30 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Per-event delay (arrival - emit) and the count of reads that held more than one event.
-async fn measure_h1(addr: std::net::SocketAddr, n: usize) -> (Vec<Duration>, usize) {
+/// Arrival time of each event by index, and the count of reads that held more than one event.
+async fn arrivals_h1(addr: std::net::SocketAddr, n: usize) -> (Vec<Instant>, usize) {
     let mut c = RawClient::connect(addr).await;
     c.get("/events").await;
-    let mut delays = Vec::new();
+    let mut at = vec![None; n];
+    let mut seen = 0;
     let mut coalesced = 0;
-    while delays.len() < n {
+    while seen < n {
         let b = c.read_some().await.unwrap();
-        assert!(!b.is_empty(), "EOF after {} events", delays.len());
-        let now = epoch().elapsed().as_nanos();
-        let ts = emit_times(&b);
-        if ts.len() > 1 {
+        assert!(!b.is_empty(), "EOF after {seen} events");
+        let now = Instant::now();
+        let ids = event_ids(&b);
+        if ids.len() > 1 {
             coalesced += 1;
         }
-        delays.extend(
-            ts.into_iter()
-                .map(|t| Duration::from_nanos((now - t) as u64)),
-        );
+        for i in ids {
+            at[i] = Some(now);
+            seen += 1;
+        }
     }
-    (delays, coalesced)
+    (at.into_iter().map(|t| t.unwrap()).collect(), coalesced)
 }
 
-async fn measure_h2(addr: std::net::SocketAddr, n: usize) -> (Vec<Duration>, usize) {
+async fn arrivals_h2(addr: std::net::SocketAddr, n: usize) -> (Vec<Instant>, usize) {
     let resp = within(
         "h2 headers",
         client(true).request(
@@ -84,29 +111,36 @@ async fn measure_h2(addr: std::net::SocketAddr, n: usize) -> (Vec<Duration>, usi
     .await
     .unwrap();
     let mut body = resp.into_body();
-    let mut delays = Vec::new();
+    let mut at = vec![None; n];
+    let mut seen = 0;
     let mut coalesced = 0;
-    while delays.len() < n {
+    while seen < n {
         let f = within("frame", body.frame())
             .await
             .expect("stream ended")
             .unwrap();
-        let now = epoch().elapsed().as_nanos();
+        let now = Instant::now();
         if let Ok(d) = f.into_data() {
-            let ts = emit_times(&d);
-            if ts.len() > 1 {
+            let ids = event_ids(&d);
+            if ids.len() > 1 {
                 coalesced += 1;
             }
-            delays.extend(
-                ts.into_iter()
-                    .map(|t| Duration::from_nanos((now - t) as u64)),
-            );
+            for i in ids {
+                at[i] = Some(now);
+                seen += 1;
+            }
         }
     }
-    (delays, coalesced)
+    (at.into_iter().map(|t| t.unwrap()).collect(), coalesced)
 }
 
-fn summary(mut d: Vec<Duration>) -> (Duration, Duration, Duration) {
+/// p50, p99 and max of the per-event added delay: proxied arrival minus direct arrival of the same event.
+fn added(direct: &[Instant], proxied: &[Instant]) -> (Duration, Duration, Duration) {
+    let mut d: Vec<Duration> = direct
+        .iter()
+        .zip(proxied)
+        .map(|(a, b)| b.saturating_duration_since(*a))
+        .collect();
     d.sort();
     (
         percentile(&d, 0.5),
@@ -117,39 +151,34 @@ fn summary(mut d: Vec<Duration>) -> (Duration, Duration, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_15ms_apart_arrive_alone_and_promptly_h1_and_h2c() {
-    const N: usize = 120;
-    let up = ticking(N, Duration::from_millis(15)).await;
+    let _serial = serial().await;
+    const N: usize = 200;
+    let up = ticking(N, Duration::from_millis(15), 3).await;
     let toml = format!(
         "[defaults]\nkeepalive_interval = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
         up.addr
     );
     let proxy = Proxy::start(&toml).await;
-    // Baseline in the same run: straight to the upstream.
-    let (direct, _) = measure_h1(up.addr, N).await;
-    let (h1, h1_coalesced) = measure_h1(proxy.addr, N).await;
-    let (h2, h2_coalesced) = measure_h2(proxy.addr, N).await;
-    let (d50, d99, dmax) = summary(direct);
-    let (a50, a99, amax) = summary(h1);
-    let (b50, b99, bmax) = summary(h2);
-    eprintln!("direct  p50 {d50:?} p99 {d99:?} max {dmax:?}");
-    eprintln!("h1      p50 {a50:?} p99 {a99:?} max {amax:?} coalesced {h1_coalesced}/{N}");
-    eprintln!("h2c     p50 {b50:?} p99 {b99:?} max {bmax:?} coalesced {h2_coalesced}/{N}");
+    // The same events, at the same instants: straight to the upstream, via HTTP/1.1, via h2c.
+    let (direct, h1, h2) = tokio::join!(
+        arrivals_h1(up.addr, N),
+        arrivals_h1(proxy.addr, N),
+        arrivals_h2(proxy.addr, N)
+    );
+    let (direct, _) = direct;
+    let (h1, h1_coalesced) = h1;
+    let (h2, h2_coalesced) = h2;
+    let (a50, a99, amax) = added(&direct, &h1);
+    let (b50, b99, bmax) = added(&direct, &h2);
+    eprintln!("added per-event delay, HTTP/1.1: p50 {a50:?} p99 {a99:?} max {amax:?}; coalesced {h1_coalesced}/{N}");
+    eprintln!("added per-event delay, h2c:      p50 {b50:?} p99 {b99:?} max {bmax:?}; coalesced {h2_coalesced}/{N}");
     assert_eq!(
         h1_coalesced, 0,
         "spaced events were coalesced over HTTP/1.1"
     );
     assert_eq!(h2_coalesced, 0, "spaced events were coalesced over h2c");
-    // Added delay = through the proxy minus straight to the upstream, at the same percentile.
-    let added_h1 = a99.saturating_sub(d99);
-    let added_h2 = b99.saturating_sub(d99);
-    assert!(
-        added_h1 < Duration::from_millis(1),
-        "HTTP/1.1 added p99 {added_h1:?}"
-    );
-    assert!(
-        added_h2 < Duration::from_millis(1),
-        "h2c added p99 {added_h2:?}"
-    );
+    assert!(a99 < Duration::from_millis(1), "HTTP/1.1 added p99 {a99:?}");
+    assert!(b99 < Duration::from_millis(1), "h2c added p99 {b99:?}");
 }
 
 /// Resident set size of a process, from /proc.
@@ -200,6 +229,7 @@ fn spawn_proxy_binary(upstream: std::net::SocketAddr) -> (Child, std::net::Socke
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_bounds_proxy_memory() {
+    let _serial = serial().await;
     const TOTAL: usize = 256 << 20;
     const CHUNK: usize = 64 << 10;
     let up = Upstream::start(|_| async {
@@ -254,6 +284,7 @@ async fn slow_reader_bounds_proxy_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_disconnects_leak_nothing() {
+    let _serial = serial().await;
     const N: usize = 10_000;
     let up = Upstream::start(|req| async move {
         let (tx, resp) = streamed("text/event-stream");
@@ -372,6 +403,7 @@ fn heartbeat_times(c: &RawClient) -> Vec<Instant> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_fill_silence_only_and_never_count_as_upstream_activity() {
+    let _serial = serial().await;
     // Talks every 20 ms for 10 events (no heartbeat due), then is silent 350 ms (three due at 100 ms
     // intervals), then ends.
     let up = Upstream::start(|_| async {
@@ -423,6 +455,7 @@ async fn heartbeats_fill_silence_only_and_never_count_as_upstream_activity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_cut_at_deadline_despite_heartbeats_closes_upstream() {
+    let _serial = serial().await;
     let up = Upstream::start(|_| async {
         let (tx, resp) = streamed("text/event-stream");
         tokio::spawn(async move {
@@ -467,6 +500,7 @@ async fn idle_cut_at_deadline_despite_heartbeats_closes_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_byte_timeout_is_504_and_cancels_the_upstream() {
+    let _serial = serial().await;
     let up = Upstream::start(|_| async {
         std::future::pending::<()>().await;
         unreachable!()
