@@ -123,8 +123,21 @@ fn runs_from_flags_and_exits_0_on_sigterm() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
+    let mport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{mport}");
     let mut child = Command::new(BIN)
-        .args(["--listen", &listen, "--upstream", "http://127.0.0.1:9"])
+        .args([
+            "--listen",
+            &listen,
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--metrics-listen",
+            &metrics,
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -150,6 +163,24 @@ fn runs_from_flags_and_exits_0_on_sigterm() {
     stream.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
     assert!(resp.contains("{\"error\":{"), "{resp}");
+    // The binary serves Prometheus text with the stream metrics and the upstream error it just saw.
+    let mut m = std::net::TcpStream::connect(&metrics).unwrap();
+    m.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    m.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("streamgate_upstream_errors_total{endpoint=\"http://127.0.0.1:9\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE streamgate_time_to_first_byte_seconds histogram"),
+        "{text}"
+    );
+    assert!(text.contains("streamgate_streams_active"), "{text}");
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

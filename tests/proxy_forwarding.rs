@@ -593,3 +593,73 @@ fn tokio_stream_shim<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
+
+#[tokio::test]
+async fn active_health_check_takes_failing_endpoints_out_and_back() {
+    use streamgate::mock::{MockConfig, MockHandle, MockServer};
+    let a = MockServer::bind("127.0.0.1:0".parse().unwrap(), MockConfig::fast())
+        .await
+        .unwrap()
+        .spawn();
+    let b = MockServer::bind("127.0.0.1:0".parse().unwrap(), MockConfig::fast())
+        .await
+        .unwrap()
+        .spawn();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"{}\", \"{}\"]\n\
+         health_check = {{ path = \"/healthz\", interval = \"20ms\", timeout = \"500ms\", unhealthy_threshold = 2 }}\n\
+         [[routes]]\npool = \"up\"\n",
+        a.base_url(),
+        b.base_url()
+    );
+    let proxy = Proxy::start(&toml).await;
+    // Six streamed completions; returns how many `a` served (health probes are not streams).
+    async fn round(proxy: SocketAddr, a: &MockHandle) -> u64 {
+        let before = a.stats().snapshot().streams_started;
+        for _ in 0..6 {
+            let resp = within(
+                "completion",
+                client(false).request(
+                    Request::post(format!("http://{proxy}/v1/chat/completions"))
+                        .body(Full::new(Bytes::from_static(
+                            b"{\"stream\":true,\"messages\":[]}",
+                        )))
+                        .unwrap(),
+                ),
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                resp.status(),
+                200,
+                "a failing endpoint must not cause errors while another is healthy"
+            );
+            body_string(resp).await;
+        }
+        a.stats().snapshot().streams_started - before
+    }
+    assert!(
+        round(proxy.addr, &a).await > 0,
+        "both endpoints serve at first"
+    );
+    a.set_healthy(false);
+    // Probes run every 20 ms; after two failures `a` leaves the rotation. Poll with requests.
+    let deadline = std::time::Instant::now() + T;
+    while round(proxy.addr, &a).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unhealthy endpoint never left the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(round(proxy.addr, &a).await, 0, "and stays out");
+    a.set_healthy(true);
+    while round(proxy.addr, &a).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovered endpoint never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(b);
+}
