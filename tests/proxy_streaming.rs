@@ -531,3 +531,48 @@ async fn first_byte_timeout_is_504_and_cancels_the_upstream() {
     );
     within("upstream closed", closed.recv()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_cut_resets_the_h2_stream() {
+    let _serial = serial().await;
+    let up = Upstream::start(|_| async {
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: hello\n\n"))).await;
+            tx.closed().await;
+        });
+        resp
+    })
+    .await;
+    let proxy = Proxy::start(&stream_config(
+        up.addr,
+        "keepalive_interval = \"50ms\"\nidle_timeout = \"200ms\"",
+    ))
+    .await;
+    let mut closed = up.on_close();
+    let resp = within(
+        "h2 headers",
+        client(true).request(
+            Request::get(format!("http://{}/s", proxy.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    let end = loop {
+        match within("frame", body.frame()).await {
+            Some(Ok(f)) => text.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.starts_with("data: hello\n\n: keepalive\n"), "{text:?}");
+    let err = end.expect("an idle cut must reset the h2 stream, not end it cleanly");
+    eprintln!("h2 idle cut: {err}");
+    within("upstream closed", closed.recv()).await.unwrap();
+}
