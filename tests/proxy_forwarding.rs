@@ -437,15 +437,7 @@ async fn unmatched_route_is_404() {
 
 #[tokio::test]
 async fn over_capacity_is_503() {
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("text/event-stream");
-        tokio::spawn(async move {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: 1\n\n"))).await;
-            tx.closed().await;
-        });
-        resp
-    })
-    .await;
+    let up = one_event_then_silent(b"data: 1\n\n").await;
     let mut toml = config(&[up.addr], "");
     toml.push_str("[server]\nmax_streams = 1\n");
     let proxy = Proxy::start(&toml).await;
@@ -518,15 +510,7 @@ async fn graceful_shutdown_lets_open_streams_finish() {
 
 #[tokio::test]
 async fn drain_timeout_ends_streams_without_a_clean_end() {
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("text/event-stream");
-        tokio::spawn(async move {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: first\n\n"))).await;
-            tx.closed().await;
-        });
-        resp
-    })
-    .await;
+    let up = one_event_then_silent(b"data: first\n\n").await;
     let mut toml = config(&[up.addr], "");
     toml.push_str("[server]\ndrain_timeout = \"200ms\"\n");
     let mut proxy = Proxy::start(&toml).await;

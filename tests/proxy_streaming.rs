@@ -456,15 +456,7 @@ async fn heartbeats_fill_silence_only_and_never_count_as_upstream_activity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_cut_at_deadline_despite_heartbeats_closes_upstream() {
     let _serial = serial().await;
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("text/event-stream");
-        tokio::spawn(async move {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: hello\n\n"))).await;
-            tx.closed().await;
-        });
-        resp
-    })
-    .await;
+    let up = one_event_then_silent(b"data: hello\n\n").await;
     let proxy = Proxy::start(&stream_config(
         up.addr,
         "keepalive_interval = \"100ms\"\nidle_timeout = \"350ms\"",
@@ -535,15 +527,7 @@ async fn first_byte_timeout_is_504_and_cancels_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_cut_resets_the_h2_stream() {
     let _serial = serial().await;
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("text/event-stream");
-        tokio::spawn(async move {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: hello\n\n"))).await;
-            tx.closed().await;
-        });
-        resp
-    })
-    .await;
+    let up = one_event_then_silent(b"data: hello\n\n").await;
     let proxy = Proxy::start(&stream_config(
         up.addr,
         "keepalive_interval = \"50ms\"\nidle_timeout = \"200ms\"",

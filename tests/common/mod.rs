@@ -229,6 +229,19 @@ pub fn streamed(ctype: &str) -> (ChunkSender, Response<TestBody>) {
     (tx, resp)
 }
 
+/// An SSE upstream that sends `event` and then stays silent until the proxy goes away.
+pub async fn one_event_then_silent(event: &'static [u8]) -> Upstream {
+    Upstream::start(move |_| async move {
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(event))).await;
+            tx.closed().await;
+        });
+        resp
+    })
+    .await
+}
+
 /// A raw HTTP/1.1 client over one TCP connection, recording when each read returned.
 pub struct RawClient {
     pub stream: TcpStream,
