@@ -4,6 +4,8 @@
 //! cargo bench --bench layers                 # everything
 //! cargo bench --bench layers -- sse_tracker  # one group
 //! cargo bench --bench layers -- --quick      # a quick pass on a shared machine
+//! benches/layers/summary.sh                  # per-frame overhead and ratio of each case vs bare
+//! benches/layers/alloc_probe.sh              # allocations per frame of each case (valgrind)
 //! ```
 //!
 //! Groups:
