@@ -4,6 +4,8 @@
 //! cargo bench --bench layers                 # everything
 //! cargo bench --bench layers -- sse_tracker  # one group
 //! cargo bench --bench layers -- --quick      # a quick pass on a shared machine
+//! benches/layers/summary.sh                  # per-frame overhead and ratio of each case vs bare
+//! benches/layers/alloc_probe.sh              # allocations per frame of each case (valgrind)
 //! ```
 //!
 //! Groups:
@@ -12,22 +14,40 @@
 //!   chunks (16 KiB and 64 KiB reads).
 //! - `body_10k_frames`: draining 10,000 small frames (OpenAI chunk events) through a body, as hyper
 //!   does; frames/s, so time per iteration / 10,000 is the per-frame cost. The bare in-memory body is
-//!   the baseline every layer is compared with.
+//!   the baseline every layer is compared with; per-frame overhead = (case - bare) / 10,000. The cases
+//!   (listed in `layers/cases.rs`): each layer alone, the trace layer with no subscriber, with the
+//!   binary's log subscriber and with OTLP export to an in-bench collector (metrics on and off), and
+//!   the proxy's whole stack. `paced_*` cases use an upstream that is `Pending` before every frame
+//!   (compare them with `paced_bare`), the usual shape of a token stream.
+//!
+//! Allocation probe: `STREAMGATE_ALLOC_PROBE=<case>:<frames>` makes this binary run one request of one
+//! case instead of benchmarking, for valgrind to count its allocations; `benches/layers/alloc_probe.sh`
+//! does it for every case and prints allocations per frame.
 
+#[path = "layers/alloc_probe.rs"]
+mod alloc_probe;
+#[path = "layers/cases.rs"]
+mod cases;
 #[path = "layers/corpus.rs"]
 mod corpus;
 #[path = "layers/harness.rs"]
 mod harness;
+#[path = "layers/sink.rs"]
+mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use http_body_util::BodyExt;
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, BenchmarkGroup, Criterion, Throughput};
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Empty};
 use streamgate::sse::SseTracker;
+use tower::{Layer, Service};
 
-use harness::{bench_body, FrameBody};
+use harness::{bench_body, FrameBody, Pace, Upstream};
 
 /// Frames per body benchmark.
 const FRAMES: usize = 10_000;
@@ -77,24 +97,61 @@ fn sse_tracker(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs every case of [`cases::visit`] as a benchmark of the group.
+struct BenchVisitor<'a, 'g> {
+    group: &'a mut BenchmarkGroup<'g, WallTime>,
+    frames: &'a Arc<[Bytes]>,
+    visited: Vec<String>,
+}
+
+impl cases::Visitor for BenchVisitor<'_, '_> {
+    fn wants(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn layer<L, B>(&mut self, name: &str, pace: Pace, layer: L)
+    where
+        L: Layer<Upstream>,
+        L::Service: Service<Request<Empty<Bytes>>, Response = Response<B>>,
+        <L::Service as Service<Request<Empty<Bytes>>>>::Error: std::fmt::Debug,
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        harness::bench_layer(self.group, name, self.frames, pace, layer);
+        self.visited.push(name.to_owned());
+    }
+}
+
 fn body_10k_frames(c: &mut Criterion) {
     // 10,000 frames: 9,998 token events, the finish event and [DONE], ~230 bytes each.
     let frames: Arc<[Bytes]> = corpus::chat_events(FRAMES - 2, "\n", 0).into();
     assert_eq!(frames.len(), FRAMES);
     let mut g = c.benchmark_group("body_10k_frames");
 
-    // Baseline: the in-memory body alone.
-    bench_body(&mut g, "bare", &frames, |inner| inner);
+    // Baselines: the in-memory body alone, always ready and `Pending` before every frame.
+    bench_body(&mut g, "bare", &frames, Pace::Ready, |inner| inner);
+    bench_body(
+        &mut g,
+        "paced_bare",
+        &frames,
+        Pace::PendingBeforeEach,
+        |inner| inner,
+    );
     // Reference points built from http-body-util, not streamgate layers: the cost of one trivial
     // generic wrapper, and of one wrapper that feeds every data frame to an SSE tracker (the
     // per-frame work of the idle-timeout and trace bodies).
-    bench_body(&mut g, "ref_map_frame_identity", &frames, |inner| {
-        inner.map_frame(|f| f)
-    });
+    bench_body(
+        &mut g,
+        "ref_map_frame_identity",
+        &frames,
+        Pace::Ready,
+        |inner| inner.map_frame(|f| f),
+    );
     bench_body(
         &mut g,
         "ref_map_frame_sse_observe",
         &frames,
+        Pace::Ready,
         |inner: FrameBody| {
             let mut t = SseTracker::new();
             inner.map_frame(move |f| {
@@ -106,29 +163,14 @@ fn body_10k_frames(c: &mut Criterion) {
         },
     );
 
-    // ---- streamgate layers: one line each, once they are merged into this branch. ----
-    // Use `harness::bench_layer` (a whole request through the tower Layer, then the body) so no body
-    // constructor needs to be public; adjust constructor names if they differ. Exactly:
-    //
-    // harness::bench_layer(&mut g, "idle_timeout", &frames, streamgate::idle_timeout::IdleTimeoutLayer::new(Duration::from_secs(15)));
-    // harness::bench_layer(&mut g, "flush", &frames, streamgate::flush::FlushLayer::new());
-    // harness::bench_layer(&mut g, "cancel", &frames, streamgate::cancel::CancelOnDisconnectLayer::new());
-    // harness::bench_layer(&mut g, "trace", &frames, streamgate::trace::StreamTraceLayer::new());
-    // harness::bench_layer(&mut g, "all_four", &frames, tower::ServiceBuilder::new()
-    //     .layer(streamgate::trace::StreamTraceLayer::new())
-    //     .layer(streamgate::cancel::CancelOnDisconnectLayer::new())
-    //     .layer(streamgate::flush::FlushLayer::new())
-    //     .layer(streamgate::idle_timeout::IdleTimeoutLayer::new(Duration::from_secs(15))));
-    //
-    // The layer's body must have `Data = Bytes` and a `Debug` error (BoxError is), and the service
-    // must accept `Request<http_body_util::Empty<Bytes>>`. Until then, the request path of the harness
-    // is exercised with an identity layer so it keeps compiling and working:
-    harness::bench_layer(
-        &mut g,
-        "ref_identity_layer",
-        &frames,
-        tower::layer::util::Identity::new(),
-    );
+    // The streamgate layers, through their tower `Layer`s: one request, then the whole body.
+    let mut visitor = BenchVisitor {
+        group: &mut g,
+        frames: &frames,
+        visited: Vec::new(),
+    };
+    cases::visit(&mut visitor);
+    assert_eq!(visitor.visited, cases::CASES, "cases::CASES is out of date");
 
     g.finish();
 }
@@ -141,4 +183,12 @@ criterion_group! {
         .measurement_time(Duration::from_secs(3));
     targets = sse_tracker, body_10k_frames
 }
-criterion_main!(benches);
+fn main() {
+    // What `criterion_main!(benches)` expands to, plus the allocation probe.
+    if let Ok(spec) = std::env::var(alloc_probe::ENV) {
+        alloc_probe::run(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -10,6 +10,11 @@
 //!
 //! Both report `Throughput::Elements(frames)`, so criterion prints frames per second; the time per
 //! iteration divided by the frame count is the per-frame cost.
+//!
+//! The upstream body comes in two paces ([`Pace`]): always ready (a burst: the worst case for
+//! [`FlushBody`](streamgate::flush::FlushBody), and no timer is ever polled), or `Pending` once before
+//! every frame, as a network upstream delivering one token per read is (hyper flushes at each
+//! `Pending`, and wrappers with timers poll and re-arm them on every frame).
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -20,13 +25,25 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Throughput};
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
 
-/// An always-ready body handing out a fixed list of frames, as a fast upstream would.
+use crate::corpus::total_bytes;
+
+/// When the upstream body has its next frame ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// Every frame is ready at once: a burst, or a fast in-process handler.
+    Ready,
+    /// `Pending` once before every frame (the body wakes its own task at once), like an upstream
+    /// whose every token arrives in its own read.
+    PendingBeforeEach,
+}
+
+/// A body handing out a fixed list of frames, as a fast upstream would.
 ///
 /// Frames are `Bytes` clones of one shared list: no allocation per frame, so the bare drain measures
 /// the poll machinery, not the allocator. The size is unknown (like a chunked upstream) and
@@ -35,11 +52,19 @@ use tower::{Layer, Service, ServiceExt};
 pub(crate) struct FrameBody {
     frames: Arc<[Bytes]>,
     next: usize,
+    pace: Pace,
+    /// With [`Pace::PendingBeforeEach`]: the `Pending` before the next frame was returned.
+    yielded: bool,
 }
 
 impl FrameBody {
-    pub(crate) fn new(frames: Arc<[Bytes]>) -> Self {
-        Self { frames, next: 0 }
+    pub(crate) fn new(frames: Arc<[Bytes]>, pace: Pace) -> Self {
+        Self {
+            frames,
+            next: 0,
+            pace,
+            yielded: false,
+        }
     }
 }
 
@@ -49,8 +74,14 @@ impl Body for FrameBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.pace == Pace::PendingBeforeEach && !self.yielded && !self.is_end_stream() {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
         let Some(f) = self.frames.get(self.next).cloned() else {
             return Poll::Ready(None);
         };
@@ -67,10 +98,13 @@ impl Body for FrameBody {
     }
 }
 
-/// The upstream service of [`bench_layer`]: answers every request with a fresh [`FrameBody`].
+/// The upstream service of [`bench_layer`]: answers every request with `200`,
+/// `content-type: text/event-stream` (so the SSE trackers of the idle-timeout and trace layers run, as
+/// for an LLM stream) and a fresh [`FrameBody`].
 #[derive(Clone, Debug)]
 pub(crate) struct Upstream {
     frames: Arc<[Bytes]>,
+    pace: Pace,
 }
 
 impl Service<Request<Empty<Bytes>>> for Upstream {
@@ -83,7 +117,12 @@ impl Service<Request<Empty<Bytes>>> for Upstream {
     }
 
     fn call(&mut self, _req: Request<Empty<Bytes>>) -> Self::Future {
-        std::future::ready(Ok(Response::new(FrameBody::new(self.frames.clone()))))
+        let mut res = Response::new(FrameBody::new(self.frames.clone(), self.pace));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        std::future::ready(Ok(res))
     }
 }
 
@@ -125,6 +164,7 @@ pub(crate) fn bench_body<B, F>(
     g: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,
     frames: &Arc<[Bytes]>,
+    pace: Pace,
     make: F,
 ) where
     F: Fn(FrameBody) -> B,
@@ -132,23 +172,24 @@ pub(crate) fn bench_body<B, F>(
     B::Error: Debug,
 {
     let rt = runtime();
-    let expected: u64 = frames.iter().map(|f| f.len() as u64).sum();
-    let got = rt.block_on(drain(make(FrameBody::new(frames.clone()))));
+    let expected = total_bytes(frames);
+    let got = rt.block_on(drain(make(FrameBody::new(frames.clone(), pace))));
     assert!(got >= expected, "{name}: {got} bytes out of {expected} in");
     g.throughput(Throughput::Elements(frames.len() as u64));
     g.bench_function(name, |b| {
-        b.iter(|| rt.block_on(drain(make(FrameBody::new(frames.clone())))))
+        b.iter(|| rt.block_on(drain(make(FrameBody::new(frames.clone(), pace)))))
     });
 }
 
-/// Benchmark one request through `layer` in front of an in-memory upstream answering `frames`: the
-/// `call`, then the whole response body.
-pub(crate) fn bench_layer<L, B>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    name: &str,
+/// A closure that sends one request through `layer` in front of an in-memory upstream answering
+/// `frames` at `pace`: `call`, then the whole response body, drained as hyper does. It returns the
+/// data bytes that came out. The closure owns its current-thread runtime.
+pub(crate) fn request_runner<L, B>(
     frames: &Arc<[Bytes]>,
+    pace: Pace,
     layer: L,
-) where
+) -> impl FnMut() -> u64
+where
     L: Layer<Upstream>,
     L::Service: Service<Request<Empty<Bytes>>, Response = Response<B>>,
     <L::Service as Service<Request<Empty<Bytes>>>>::Error: Debug,
@@ -158,21 +199,43 @@ pub(crate) fn bench_layer<L, B>(
     let rt = runtime();
     let mut svc = layer.layer(Upstream {
         frames: frames.clone(),
+        pace,
     });
-    let expected: u64 = frames.iter().map(|f| f.len() as u64).sum();
-    let mut one_request = move || {
+    move || {
         let fut = async {
+            let req = Request::post("/v1/chat/completions")
+                .body(Empty::new())
+                .expect("a valid request");
             let res = svc
                 .ready()
                 .await
                 .expect("service ready")
-                .call(Request::new(Empty::new()))
+                .call(req)
                 .await
                 .expect("service call");
             drain(res.into_body()).await
         };
         rt.block_on(fut)
-    };
+    }
+}
+
+/// Benchmark one request through `layer` (see [`request_runner`]): the `call`, then the whole
+/// response body. Before measuring, checks once that at least every upstream byte came out.
+pub(crate) fn bench_layer<L, B>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    frames: &Arc<[Bytes]>,
+    pace: Pace,
+    layer: L,
+) where
+    L: Layer<Upstream>,
+    L::Service: Service<Request<Empty<Bytes>>, Response = Response<B>>,
+    <L::Service as Service<Request<Empty<Bytes>>>>::Error: Debug,
+    B: Body<Data = Bytes>,
+    B::Error: Debug,
+{
+    let mut one_request = request_runner(frames, pace, layer);
+    let expected = total_bytes(frames);
     let got = one_request();
     assert!(got >= expected, "{name}: {got} bytes out of {expected} in");
     g.throughput(Throughput::Elements(frames.len() as u64));
