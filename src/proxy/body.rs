@@ -21,7 +21,7 @@ use crate::{BoxError, EndReason, StreamInfo};
 /// anything polled the body (connection refused, say), a [`ReplayHandle`] hands the same body
 /// to the next attempt. Once taken, it streams straight through with no locking.
 #[derive(Debug)]
-pub struct UpstreamRequestBody {
+pub(crate) struct UpstreamRequestBody {
     slot: Option<Arc<Mutex<Option<Incoming>>>>,
     taken: Option<Incoming>,
     end_stream: bool,
@@ -71,7 +71,7 @@ impl UpstreamRequestBody {
 
 /// See [`UpstreamRequestBody::replay_handle`].
 #[derive(Debug)]
-pub struct ReplayHandle {
+pub(crate) struct ReplayHandle {
     slot: Option<Arc<Mutex<Option<Incoming>>>>,
     end_stream: bool,
     hint: SizeHint,

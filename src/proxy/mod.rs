@@ -27,7 +27,7 @@ mod server;
 pub mod stack;
 mod tls;
 
-pub use body::{ProxyBody, ReplayHandle, ShutdownError, UpstreamRequestBody};
+pub use body::{ProxyBody, ShutdownError};
 pub use config::{Config, ConfigError, Overrides};
 pub use error::{json_error, ProxyError, ProxyErrorKind};
 pub use forward::ConnInfo;
