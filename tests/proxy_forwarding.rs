@@ -647,3 +647,43 @@ async fn active_health_check_takes_failing_endpoints_out_and_back() {
     }
     drop(b);
 }
+
+#[tokio::test]
+async fn host_header_policies_and_several_listeners() {
+    let up =
+        Upstream::start(|req| async move { full(200, "application/json", headers_json(&req)) })
+            .await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.up]\nendpoints = [\"http://{}\"]\n\
+         [[routes]]\npath_prefix = \"/keep/\"\npool = \"up\"\nhost_header = \"preserve\"\n\
+         [[routes]]\npath_prefix = \"/fixed/\"\npool = \"up\"\nhost_header = \"llm.internal:8000\"\n\
+         [[routes]]\npath_prefix = \"/\"\npool = \"up\"\n",
+        up.addr
+    );
+    let cfg = streamgate::proxy::Config::from_toml(&toml).unwrap();
+    let server = streamgate::proxy::Server::bind(cfg).await.unwrap();
+    let addrs = server.local_addrs();
+    assert_eq!(addrs.len(), 2);
+    assert_ne!(addrs[0], addrs[1]);
+    tokio::spawn(server.run(std::future::pending::<()>()));
+    let host_seen = |path: &'static str, listener: SocketAddr| async move {
+        let mut c = RawClient::connect(listener).await;
+        c.send(&format!(
+            "GET {path} HTTP/1.1\r\nhost: client.example\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        let (raw, _) = c.read_to_end().await;
+        let (head, body) = split_head(&raw);
+        let body = if head.to_ascii_lowercase().contains("chunked") {
+            dechunk(&body).0
+        } else {
+            body
+        };
+        let seen: HashMap<String, Vec<String>> = serde_json::from_slice(&body).unwrap();
+        seen["host"][0].clone()
+    };
+    assert_eq!(host_seen("/keep/x", addrs[0]).await, "client.example");
+    assert_eq!(host_seen("/fixed/x", addrs[1]).await, "llm.internal:8000");
+    assert_eq!(host_seen("/other", addrs[1]).await, up.addr.to_string());
+}

@@ -806,7 +806,8 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         ));
     }
     for (i, a) in listeners.iter().enumerate() {
-        if listeners[..i].iter().any(|b| b.listen == a.listen) {
+        // Port 0 asks the OS for any free port, so it may repeat.
+        if a.listen.port() != 0 && listeners[..i].iter().any(|b| b.listen == a.listen) {
             return Err(ConfigError::new(
                 format!("listeners[{i}].listen"),
                 a.listen.to_string(),
