@@ -1,0 +1,499 @@
+//! Load harness: streamgate side by side with a direct connection and nginx, in one run.
+//!
+//! ```sh
+//! cargo build --release && ulimit -n 20000 && cargo run --release --example loadtest
+//! cargo run --release --example loadtest -- --quick        # smaller, for a smoke run
+//! ```
+//!
+//! The harness (scripted upstream and clients, raw sockets, one tokio thread) pins itself to core 1 and
+//! the target to core 0 when the machine has two cores and `taskset`, so that the load generator is not
+//! what is measured. For each target — the upstream directly, `target/release/streamgate`, and nginx
+//! (`proxy_buffering off`, keep-alive upstream) when it is installed — it measures:
+//! 1. time to first byte (p50, p99), and what the proxy adds to the direct figure;
+//! 2. per-event delay, emit -> read on the same monotonic clock, with events 15 ms apart on 40
+//!    concurrent streams (HdrHistogram: p50, p99, max) and how many spaced events arrived coalesced;
+//! 3. resident memory per open idle stream (RSS slope over 1,000 … 8,000 held streams), errors while
+//!    holding them, and a new request's time to first byte meanwhile;
+//! 4. CPU time of the proxy per forwarded event, events as fast as the upstream writes them, and paced
+//!    10 ms apart on 100 streams;
+//! 5. client disconnect (FIN and RST) -> upstream sees its connection closed, before the first byte and
+//!    mid-body with 15 ms and 5 s between events; and whether an aborted upstream connection is reused.
+//!
+//! It prints a markdown table (docs/BENCHMARKS.md carries the latest).
+
+#![allow(missing_docs, unreachable_pub)]
+
+mod client;
+mod measure;
+mod procs;
+mod upstream;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use measure::{Cpu, Disconnect, EventDelay, Lat, Memory, Phase};
+use procs::{Env, Kind, Target};
+
+struct Opts {
+    quick: bool,
+    nginx: bool,
+    out: Option<PathBuf>,
+}
+
+fn opts() -> Result<Opts, String> {
+    let mut o = Opts {
+        quick: false,
+        nginx: true,
+        out: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--no-nginx" => o.nginx = false,
+            "--out" => o.out = Some(args.next().ok_or("--out needs a file")?.into()),
+            "-h" | "--help" => {
+                println!("usage: loadtest [--quick] [--no-nginx] [--out FILE]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() {
+    let o = match opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Pin before the runtime starts threads: harness on core 1, targets on core 0.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = cores >= 2
+        && std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(run(o, pinned)) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Row {
+    ttfb: Lat,
+    events: Option<EventDelay>,
+    cpu_blast: Option<Cpu>,
+    cpu_paced: Option<Cpu>,
+    disconnect: Vec<(String, Disconnect)>,
+    memory: Option<Memory>,
+}
+
+async fn run(o: Opts, pinned: bool) -> Result<(), String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let streamgate = std::env::var_os("STREAMGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/streamgate"));
+    if !streamgate.exists() {
+        return Err(format!(
+            "{} not found: run `cargo build --release` first (or set STREAMGATE_BIN)",
+            streamgate.display()
+        ));
+    }
+    let nginx = if o.nginx { which("nginx") } else { None };
+    let dir = std::env::temp_dir().join(format!("streamgate-loadtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let env = Env {
+        dir: dir.clone(),
+        streamgate,
+        nginx: nginx.clone(),
+        pin: pinned.then(|| "taskset -c 0".to_string()),
+    };
+
+    let (ttfb_n, streams, events, blast, paced_streams, paced_events, reps) = if o.quick {
+        (200, 10, 40, 20_000, 20, 30, 3)
+    } else {
+        (2_000, 40, 150, 200_000, 100, 100, 10)
+    };
+    let mut steps: Vec<u64> = if o.quick {
+        vec![250, 500, 1_000]
+    } else {
+        vec![1_000, 2_000, 4_000, 8_000]
+    };
+    // Each held stream costs the harness two descriptors (client and upstream side).
+    let limit = fd_limit();
+    let fits = limit.saturating_sub(500) / 2;
+    if steps.iter().any(|&s| s > fits) {
+        eprintln!(
+            "loadtest: open files limit is {limit}; holding at most {fits} streams (run `ulimit -n 20000` first for 8,000)"
+        );
+        steps.retain(|&s| s <= fits);
+    }
+
+    let origin = Instant::now();
+    let up = upstream::Upstream::start(origin)
+        .await
+        .map_err(|e| format!("upstream: {e}"))?;
+    let mut kinds = vec![Kind::Direct, Kind::Streamgate];
+    if nginx.is_some() {
+        kinds.push(Kind::Nginx);
+    }
+    let mut rows: Vec<(Kind, Row)> = Vec::new();
+    for &k in &kinds {
+        eprintln!("== {}", k.name());
+        let mut t = Target::start(k, up.addr, &env)?;
+        let mut r = Row {
+            ttfb: measure::ttfb(t.addr, origin, ttfb_n).await?,
+            ..Row::default()
+        };
+        eprintln!("  ttfb p50 {:.1} µs p99 {:.1} µs", r.ttfb.p50, r.ttfb.p99);
+        let e = measure::event_delay(t.addr, origin, streams, events, Duration::from_millis(15))
+            .await?;
+        eprintln!(
+            "  event delay p50 {:.1} p99 {:.1} max {:.1} µs, coalesced {}/{}",
+            e.lat.p50, e.lat.p99, e.lat.max, e.coalesced, e.lat.n
+        );
+        r.events = Some(e);
+        if k != Kind::Direct {
+            let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
+            eprintln!(
+                "  cpu back-to-back {:.2} µs/event ({} events in {:?})",
+                c.ns_per_event / 1000.0,
+                c.events,
+                c.wall
+            );
+            r.cpu_blast = Some(c);
+            let c = measure::cpu(
+                &t,
+                origin,
+                paced_streams,
+                paced_events,
+                Duration::from_millis(10),
+            )
+            .await?;
+            eprintln!(
+                "  cpu paced {:.2} µs/event ({} events in {:?})",
+                c.ns_per_event / 1000.0,
+                c.events,
+                c.wall
+            );
+            r.cpu_paced = Some(c);
+        }
+        let cases = [
+            ("before first byte, FIN", Phase::BeforeFirstByte, false, 15),
+            ("before first byte, RST", Phase::BeforeFirstByte, true, 15),
+            ("mid-body 15 ms gaps, FIN", Phase::MidBody, false, 15),
+            ("mid-body 15 ms gaps, RST", Phase::MidBody, true, 15),
+            ("mid-body 5 s gaps, FIN", Phase::MidBody, false, 5_000),
+            ("mid-body 5 s gaps, RST", Phase::MidBody, true, 5_000),
+        ];
+        for (name, phase, rst, gap_ms) in cases {
+            let d = measure::disconnect(
+                t.addr,
+                &up,
+                origin,
+                phase,
+                rst,
+                Duration::from_millis(gap_ms),
+                reps,
+            )
+            .await?;
+            eprintln!(
+                "  disconnect {name}: p50 {:.3} ms max {:.3} ms, missed {}, reused {}",
+                d.lat.p50 / 1000.0,
+                d.lat.max / 1000.0,
+                d.missed,
+                d.reused
+            );
+            r.disconnect.push((name.to_string(), d));
+        }
+        t.stop();
+        rows.push((k, r));
+    }
+    for (k, r) in rows.iter_mut() {
+        if *k == Kind::Direct || steps.is_empty() {
+            continue;
+        }
+        eprintln!("== {} memory", k.name());
+        let t = Target::start(*k, up.addr, &env)?;
+        let m = measure::memory(&t, origin, &steps).await?;
+        eprintln!(
+            "  {:.0} B per idle stream, errors {}, new request max {:.2} ms",
+            m.per_stream,
+            m.errors,
+            m.new_request_max_us / 1000.0
+        );
+        r.memory = Some(m);
+    }
+    let table = report(&rows, pinned, o.quick, nginx.is_some());
+    println!("{table}");
+    if let Some(out) = o.out {
+        std::fs::write(&out, &table).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+fn fd_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(1024)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    // Counted from cpuinfo: the harness's own affinity is one core once pinned.
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(1);
+    format!("{cores} × {cpu}, Linux {kernel}")
+}
+
+fn f1(v: f64) -> String {
+    format!("{v:.1}")
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a >= 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> String {
+    let mut s = String::new();
+    let direct = rows
+        .iter()
+        .find(|(k, _)| *k == Kind::Direct)
+        .map(|(_, r)| r);
+    let get = |k: Kind| rows.iter().find(|(kk, _)| *kk == k).map(|(_, r)| r);
+    let sg = get(Kind::Streamgate);
+    let ng = get(Kind::Nginx);
+    let _ = writeln!(
+        s,
+        "Machine: {}; {}; loopback{}.\n",
+        machine(),
+        if pinned {
+            "target pinned to core 0, harness to core 1"
+        } else {
+            "not pinned"
+        },
+        if quick { "; --quick run" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "| measure | direct | streamgate | nginx | streamgate / nginx |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let cell = |r: Option<&Row>, f: &dyn Fn(&Row) -> Option<f64>| -> Option<f64> { r.and_then(f) };
+    let mut line = |name: &str,
+                    f: &dyn Fn(&Row) -> Option<f64>,
+                    fmt: &dyn Fn(f64) -> String,
+                    with_ratio: bool| {
+        let d = cell(direct, f);
+        let a = cell(sg, f);
+        let b = cell(ng, f);
+        let show = |v: Option<f64>| v.map_or("–".to_string(), fmt);
+        let r = match (a, b) {
+            (Some(a), Some(b)) if with_ratio => ratio(a, b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {r} |",
+            show(d),
+            show(a),
+            show(b)
+        );
+    };
+    let d_ttfb = direct.map(|d| d.ttfb);
+    let d_ev = direct.and_then(|d| d.events.as_ref().map(|e| e.lat));
+    line(
+        "time to first byte p50 (µs)",
+        &|r| Some(r.ttfb.p50),
+        &f1,
+        false,
+    );
+    line(
+        "time to first byte p99 (µs)",
+        &|r| Some(r.ttfb.p99),
+        &f1,
+        false,
+    );
+    line(
+        "**added** time to first byte p50 (µs)",
+        &|r| Some(r.ttfb.p50 - d_ttfb?.p50),
+        &f1,
+        true,
+    );
+    line(
+        "**added** time to first byte p99 (µs)",
+        &|r| Some(r.ttfb.p99 - d_ttfb?.p99),
+        &f1,
+        true,
+    );
+    line(
+        "per-event delay p50 (µs), 15 ms apart",
+        &|r| Some(r.events.as_ref()?.lat.p50),
+        &f1,
+        false,
+    );
+    line(
+        "per-event delay p99 (µs)",
+        &|r| Some(r.events.as_ref()?.lat.p99),
+        &f1,
+        false,
+    );
+    line(
+        "per-event delay max (µs)",
+        &|r| Some(r.events.as_ref()?.lat.max),
+        &f1,
+        false,
+    );
+    line(
+        "**added** per-event delay p50 (µs)",
+        &|r| Some(r.events.as_ref()?.lat.p50 - d_ev?.p50),
+        &f1,
+        true,
+    );
+    line(
+        "**added** per-event delay p99 (µs)",
+        &|r| Some(r.events.as_ref()?.lat.p99 - d_ev?.p99),
+        &f1,
+        true,
+    );
+    line(
+        "spaced events arrived coalesced (%)",
+        &|r| {
+            let e = r.events.as_ref()?;
+            Some(100.0 * e.coalesced as f64 / e.lat.n.max(1) as f64)
+        },
+        &|v| format!("{v:.2}"),
+        false,
+    );
+    line(
+        "**RSS per open idle stream (bytes)**",
+        &|r| Some(r.memory.as_ref()?.per_stream),
+        &|v| format!("{v:.0}"),
+        true,
+    );
+    line(
+        "RSS with the most streams held (MiB)",
+        &|r| Some(r.memory.as_ref()?.points.last()?.1 as f64 / 1048576.0),
+        &f1,
+        true,
+    );
+    line(
+        "streams held",
+        &|r| Some(r.memory.as_ref()?.points.last()?.0 as f64),
+        &|v| format!("{v:.0}"),
+        false,
+    );
+    line(
+        "errors opening held streams",
+        &|r| Some(r.memory.as_ref()?.errors as f64),
+        &|v| format!("{v:.0}"),
+        false,
+    );
+    line(
+        "new request time to first byte while held, max (ms)",
+        &|r| Some(r.memory.as_ref()?.new_request_max_us / 1000.0),
+        &|v| format!("{v:.2}"),
+        false,
+    );
+    line(
+        "**CPU per event**, back-to-back (µs)",
+        &|r| Some(r.cpu_blast.as_ref()?.ns_per_event / 1000.0),
+        &|v| format!("{v:.2}"),
+        true,
+    );
+    line(
+        "CPU per event, 10 ms apart on 100 streams (µs)",
+        &|r| Some(r.cpu_paced.as_ref()?.ns_per_event / 1000.0),
+        &|v| format!("{v:.2}"),
+        true,
+    );
+    let cases: Vec<String> = sg
+        .or(direct)
+        .map(|r| r.disconnect.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    for (i, name) in cases.iter().enumerate() {
+        line(
+            &format!("disconnect → upstream closed, {name}: p50 (ms)"),
+            &|r| Some(r.disconnect.get(i)?.1.lat.p50 / 1000.0),
+            &|v| format!("{v:.3}"),
+            false,
+        );
+        line(
+            &format!("disconnect → upstream closed, {name}: max (ms)"),
+            &|r| {
+                let d = &r.disconnect.get(i)?.1;
+                Some(if d.missed > 0 {
+                    f64::INFINITY
+                } else {
+                    d.lat.max / 1000.0
+                })
+            },
+            &|v| {
+                if v.is_finite() {
+                    format!("{v:.3}")
+                } else {
+                    "missed".into()
+                }
+            },
+            false,
+        );
+    }
+    line(
+        "aborted upstream connections reused",
+        &|r| Some(r.disconnect.iter().map(|(_, d)| d.reused).sum::<u64>() as f64),
+        &|v| format!("{v:.0}"),
+        false,
+    );
+    if !nginx {
+        let _ = writeln!(
+            s,
+            "\nnginx is not installed: its column is empty (`apt-get install -y nginx-light`)."
+        );
+    }
+    s
+}
