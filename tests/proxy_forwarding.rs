@@ -175,6 +175,38 @@ async fn connect_is_rejected_with_405() {
 }
 
 #[tokio::test]
+async fn request_heads_over_8_kib_get_431_and_never_reach_the_upstream() {
+    let up = Upstream::start(|_| async { full(200, "text/plain", "ok") }).await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    // 7 KiB of headers fit (the read buffer is capped at 8 KiB per connection, as nginx's
+    // large_client_header_buffers default) ...
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(&format!(
+        "GET /fits HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(7 * 1024)
+    ))
+    .await;
+    let (raw, _) = c.read_to_end().await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert_eq!(up.total_connections(), 1);
+    // ... 9 KiB do not: 431, and the upstream never hears of it.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(&format!(
+        "GET /too-big HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(9 * 1024)
+    ))
+    .await;
+    let (raw, _) = c.read_to_end().await;
+    let (head, _) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    assert_eq!(up.total_connections(), 1);
+}
+
+#[tokio::test]
 async fn h2c_on_both_sides() {
     let up =
         Upstream::start(|req| async move { full(200, "application/json", headers_json(&req)) })

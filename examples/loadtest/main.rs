@@ -39,6 +39,20 @@ struct Opts {
     quick: bool,
     nginx: bool,
     out: Option<PathBuf>,
+    /// Measurements to run (all when empty): latency, cpu, disconnect, memory.
+    only: Vec<String>,
+    /// Targets to run (all when empty): direct, streamgate, nginx.
+    targets: Vec<String>,
+}
+
+impl Opts {
+    fn runs(&self, what: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == what)
+    }
+
+    fn targets(&self, k: Kind) -> bool {
+        self.targets.is_empty() || self.targets.iter().any(|t| t == k.name())
+    }
 }
 
 fn opts() -> Result<Opts, String> {
@@ -46,6 +60,16 @@ fn opts() -> Result<Opts, String> {
         quick: false,
         nginx: true,
         out: None,
+        only: Vec::new(),
+        targets: Vec::new(),
+    };
+    let list = |v: Option<String>, what: &str, allowed: &[&str]| -> Result<Vec<String>, String> {
+        let v = v.ok_or(format!("{what} needs a comma-separated list"))?;
+        let items: Vec<String> = v.split(',').map(str::to_string).collect();
+        match items.iter().find(|i| !allowed.contains(&i.as_str())) {
+            Some(bad) => Err(format!("{what}: unknown {bad:?} (one of {allowed:?})")),
+            None => Ok(items),
+        }
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,8 +77,21 @@ fn opts() -> Result<Opts, String> {
             "--quick" => o.quick = true,
             "--no-nginx" => o.nginx = false,
             "--out" => o.out = Some(args.next().ok_or("--out needs a file")?.into()),
+            "--only" => {
+                o.only = list(
+                    args.next(),
+                    "--only",
+                    &["latency", "cpu", "disconnect", "memory"],
+                )?
+            }
+            "--targets" => {
+                o.targets = list(args.next(), "--targets", &["direct", "streamgate", "nginx"])?
+            }
             "-h" | "--help" => {
-                println!("usage: loadtest [--quick] [--no-nginx] [--out FILE]");
+                println!(
+                    "usage: loadtest [--quick] [--no-nginx] [--out FILE] \\
+                     [--only latency,cpu,disconnect,memory] [--targets direct,streamgate,nginx]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -94,7 +131,7 @@ fn main() {
 
 #[derive(Default)]
 struct Row {
-    ttfb: Lat,
+    ttfb: Option<Lat>,
     events: Option<EventDelay>,
     cpu_blast: Option<Cpu>,
     cpu_paced: Option<Cpu>,
@@ -147,27 +184,34 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
     let up = upstream::Upstream::start(origin)
         .await
         .map_err(|e| format!("upstream: {e}"))?;
-    let mut kinds = vec![Kind::Direct, Kind::Streamgate];
-    if nginx.is_some() {
-        kinds.push(Kind::Nginx);
-    }
+    let kinds: Vec<Kind> = [Kind::Direct, Kind::Streamgate, Kind::Nginx]
+        .into_iter()
+        .filter(|&k| o.targets(k) && (k != Kind::Nginx || nginx.is_some()))
+        .collect();
     let mut rows: Vec<(Kind, Row)> = Vec::new();
+    let wire = o.runs("latency") || o.runs("cpu") || o.runs("disconnect");
     for &k in &kinds {
+        let mut r = Row::default();
+        if !wire {
+            rows.push((k, r));
+            continue;
+        }
         eprintln!("== {}", k.name());
         let mut t = Target::start(k, up.addr, &env)?;
-        let mut r = Row {
-            ttfb: measure::ttfb(t.addr, origin, ttfb_n).await?,
-            ..Row::default()
-        };
-        eprintln!("  ttfb p50 {:.1} µs p99 {:.1} µs", r.ttfb.p50, r.ttfb.p99);
-        let e = measure::event_delay(t.addr, origin, streams, events, Duration::from_millis(15))
-            .await?;
-        eprintln!(
-            "  event delay p50 {:.1} p99 {:.1} max {:.1} µs, coalesced {}/{}",
-            e.lat.p50, e.lat.p99, e.lat.max, e.coalesced, e.lat.n
-        );
-        r.events = Some(e);
-        if k != Kind::Direct {
+        if o.runs("latency") {
+            let l = measure::ttfb(t.addr, origin, ttfb_n).await?;
+            eprintln!("  ttfb p50 {:.1} µs p99 {:.1} µs", l.p50, l.p99);
+            r.ttfb = Some(l);
+            let e =
+                measure::event_delay(t.addr, origin, streams, events, Duration::from_millis(15))
+                    .await?;
+            eprintln!(
+                "  event delay p50 {:.1} p99 {:.1} max {:.1} µs, coalesced {}/{}",
+                e.lat.p50, e.lat.p99, e.lat.max, e.coalesced, e.lat.n
+            );
+            r.events = Some(e);
+        }
+        if k != Kind::Direct && o.runs("cpu") {
             let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
             eprintln!(
                 "  cpu back-to-back {:.2} µs/event ({} events in {:?})",
@@ -201,6 +245,9 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             ("mid-body 5 s gaps, RST", Phase::MidBody, true, 5_000),
         ];
         for (name, phase, rst, gap_ms) in cases {
+            if !o.runs("disconnect") {
+                break;
+            }
             let d = measure::disconnect(
                 t.addr,
                 &up,
@@ -224,7 +271,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         rows.push((k, r));
     }
     for (k, r) in rows.iter_mut() {
-        if *k == Kind::Direct || steps.is_empty() {
+        if *k == Kind::Direct || steps.is_empty() || !o.runs("memory") {
             continue;
         }
         eprintln!("== {} memory", k.name());
@@ -345,29 +392,29 @@ fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> Strin
             show(b)
         );
     };
-    let d_ttfb = direct.map(|d| d.ttfb);
+    let d_ttfb = direct.and_then(|d| d.ttfb);
     let d_ev = direct.and_then(|d| d.events.as_ref().map(|e| e.lat));
     line(
         "time to first byte p50 (µs)",
-        &|r| Some(r.ttfb.p50),
+        &|r| Some(r.ttfb?.p50),
         &f1,
         false,
     );
     line(
         "time to first byte p99 (µs)",
-        &|r| Some(r.ttfb.p99),
+        &|r| Some(r.ttfb?.p99),
         &f1,
         false,
     );
     line(
         "**added** time to first byte p50 (µs)",
-        &|r| Some(r.ttfb.p50 - d_ttfb?.p50),
+        &|r| Some(r.ttfb?.p50 - d_ttfb?.p50),
         &f1,
         true,
     );
     line(
         "**added** time to first byte p99 (µs)",
-        &|r| Some(r.ttfb.p99 - d_ttfb?.p99),
+        &|r| Some(r.ttfb?.p99 - d_ttfb?.p99),
         &f1,
         true,
     );
@@ -485,7 +532,10 @@ fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> Strin
     }
     line(
         "aborted upstream connections reused",
-        &|r| Some(r.disconnect.iter().map(|(_, d)| d.reused).sum::<u64>() as f64),
+        &|r| {
+            (!r.disconnect.is_empty())
+                .then(|| r.disconnect.iter().map(|(_, d)| d.reused).sum::<u64>() as f64)
+        },
         &|v| format!("{v:.0}"),
         false,
     );

@@ -280,7 +280,10 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .keep_alive(true)
-        .half_close(false);
+        .half_close(false)
+        // Request heads fit in 8 KiB (nginx's large_client_header_buffers default, larger ones get
+        // 431); capping the read buffer there keeps hyper from growing it per idle stream.
+        .max_buf_size(8 * 1024);
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(1024)
