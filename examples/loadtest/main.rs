@@ -214,8 +214,10 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         if k != Kind::Direct && o.runs("cpu") {
             let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
             eprintln!(
-                "  cpu back-to-back {:.2} µs/event ({} events in {:?})",
+                "  cpu back-to-back {:.2} µs/event, {:.2} reads, {:.2} writes ({} events in {:?})",
                 c.ns_per_event / 1000.0,
+                c.reads_per_event,
+                c.writes_per_event,
                 c.events,
                 c.wall
             );
@@ -229,8 +231,10 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             )
             .await?;
             eprintln!(
-                "  cpu paced {:.2} µs/event ({} events in {:?})",
+                "  cpu paced {:.2} µs/event, {:.2} reads, {:.2} writes ({} events in {:?})",
                 c.ns_per_event / 1000.0,
+                c.reads_per_event,
+                c.writes_per_event,
                 c.events,
                 c.wall
             );

@@ -131,6 +131,9 @@ pub async fn event_delay(
 /// each, `gap` apart (zero: as fast as the upstream writes).
 pub struct Cpu {
     pub ns_per_event: f64,
+    /// Read and write system calls per event.
+    pub reads_per_event: f64,
+    pub writes_per_event: f64,
     pub events: u64,
     pub wall: Duration,
 }
@@ -144,6 +147,7 @@ pub async fn cpu(
 ) -> Result<Cpu, Error> {
     let addr = target.addr;
     let before = target.cpu_ns();
+    let (r0, w0) = target.syscalls();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..streams {
@@ -176,8 +180,11 @@ pub async fn cpu(
     }
     let wall = start.elapsed();
     let used = target.cpu_ns().saturating_sub(before);
+    let (r1, w1) = target.syscalls();
     Ok(Cpu {
         ns_per_event: used as f64 / total as f64,
+        reads_per_event: r1.saturating_sub(r0) as f64 / total as f64,
+        writes_per_event: w1.saturating_sub(w0) as f64 / total as f64,
         events: total,
         wall,
     })

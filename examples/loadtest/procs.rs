@@ -158,6 +158,14 @@ impl Target {
         self.pids().iter().map(|&p| cpu_ns(p)).sum()
     }
 
+    /// Read and write system calls the target's processes have made (`/proc/PID/io`).
+    pub fn syscalls(&self) -> (u64, u64) {
+        self.pids().iter().fold((0, 0), |(r, w), &p| {
+            let (pr, pw) = syscalls(p);
+            (r + pr, w + pw)
+        })
+    }
+
     /// Stops the target (SIGTERM, then SIGKILL after 5 s).
     pub fn stop(&mut self) {
         let Some(mut c) = self.child.take() else {
@@ -189,6 +197,19 @@ fn parent(pid: u32) -> Option<u32> {
     // The command name may hold spaces; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()
+}
+
+fn syscalls(pid: u32) -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/io")) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("syscr:"), field("syscw:"))
 }
 
 fn rss(pid: u32) -> u64 {
