@@ -21,6 +21,7 @@ pub struct Conn {
     buf: Vec<u8>,
     dec: Chunked,
     events: Events,
+    closes: bool,
 }
 
 /// Events completed by one read.
@@ -44,6 +45,7 @@ impl Conn {
             buf: Vec::with_capacity(4096),
             dec: Chunked::default(),
             events: Events::default(),
+            closes: false,
         })
     }
 
@@ -89,6 +91,8 @@ impl Conn {
         if !head.contains("transfer-encoding: chunked") {
             return Err("response not chunked".into());
         }
+        // nginx closes a keep-alive connection after `keepalive_requests` (1000) responses.
+        self.closes = head.contains("\r\nconnection: close\r\n");
         self.buf.drain(..end);
         self.dec = Chunked::default();
         self.events = Events::default();
@@ -144,6 +148,11 @@ impl Conn {
             }
         }
         Ok((sent, first.ok_or("no event")?, count))
+    }
+
+    /// The server said it closes the connection after this response.
+    pub fn closes(&self) -> bool {
+        self.closes
     }
 
     /// Closes with FIN (`rst == false`) or RST (`SO_LINGER` 0); returns when.

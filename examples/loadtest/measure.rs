@@ -56,6 +56,9 @@ pub async fn ttfb(addr: SocketAddr, origin: Instant, n: usize) -> Result<Lat, Er
             pad: 64,
         };
         let (sent, first, _) = within(T, c.get(&s.path())).await?;
+        if c.closes() {
+            c = Conn::connect(addr, origin).await?;
+        }
         // The first tenth warms up connections and caches.
         if i >= n / 10 {
             h.record(first.saturating_sub(sent).max(1)).unwrap();

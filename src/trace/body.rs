@@ -440,10 +440,7 @@ where
         if tracker.is_ended() {
             return this.inner.poll_frame(cx).map_err(Into::into);
         }
-        let polled = {
-            let _entered = tracker.span().map(Span::enter);
-            this.inner.as_mut().poll_frame(cx)
-        };
+        let polled = this.inner.as_mut().poll_frame(cx);
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
