@@ -160,10 +160,10 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         pin: pinned.then(|| "taskset -c 0".to_string()),
     };
 
-    let (ttfb_n, streams, events, blast, paced_streams, paced_events, reps) = if o.quick {
-        (200, 10, 40, 20_000, 20, 30, 3)
+    let (ttfb_n, streams, events, blast, paced_streams, paced_events, reps, rounds) = if o.quick {
+        (200, 10, 40, 20_000, 20, 30, 3, 1)
     } else {
-        (2_000, 40, 150, 200_000, 100, 100, 10)
+        (3_000, 40, 150, 200_000, 100, 100, 10, 3)
     };
     let mut steps: Vec<u64> = if o.quick {
         vec![250, 500, 1_000]
@@ -188,29 +188,61 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         .into_iter()
         .filter(|&k| o.targets(k) && (k != Kind::Nginx || nginx.is_some()))
         .collect();
-    let mut rows: Vec<(Kind, Row)> = Vec::new();
-    let wire = o.runs("latency") || o.runs("cpu") || o.runs("disconnect");
-    for &k in &kinds {
-        let mut r = Row::default();
+    let mut rows: Vec<(Kind, Row)> = kinds.iter().map(|&k| (k, Row::default())).collect();
+    if o.runs("latency") {
+        // Every target runs at once and the rounds alternate between them, so that whatever else the
+        // machine does in the meantime lands on all of them alike.
+        eprintln!("== latency: {rounds} rounds over {}", names(&kinds));
+        let targets = kinds
+            .iter()
+            .map(|&k| Target::start(k, up.addr, &env))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut first = vec![measure::hist(); targets.len()];
+        let mut each = vec![measure::hist(); targets.len()];
+        let mut coalesced = vec![0; targets.len()];
+        for _ in 0..rounds {
+            for (i, t) in targets.iter().enumerate() {
+                measure::ttfb(t.addr, origin, ttfb_n / rounds, &mut first[i]).await?;
+                coalesced[i] += measure::event_delay(
+                    t.addr,
+                    origin,
+                    streams,
+                    events,
+                    Duration::from_millis(15),
+                    &mut each[i],
+                )
+                .await?;
+            }
+        }
+        for (i, (k, r)) in rows.iter_mut().enumerate() {
+            let l = Lat::of(&first[i]);
+            let e = Lat::of(&each[i]);
+            eprintln!(
+                "  {}: ttfb p50 {:.1} µs p99 {:.1} µs; event delay p50 {:.1} p99 {:.1} max {:.1} µs, coalesced {}/{}",
+                k.name(),
+                l.p50,
+                l.p99,
+                e.p50,
+                e.p99,
+                e.max,
+                coalesced[i],
+                e.n
+            );
+            r.ttfb = Some(l);
+            r.events = Some(EventDelay {
+                lat: e,
+                coalesced: coalesced[i],
+            });
+        }
+    }
+    let wire = o.runs("cpu") || o.runs("disconnect");
+    for (k, r) in rows.iter_mut() {
+        let k = *k;
         if !wire {
-            rows.push((k, r));
             continue;
         }
         eprintln!("== {}", k.name());
         let mut t = Target::start(k, up.addr, &env)?;
-        if o.runs("latency") {
-            let l = measure::ttfb(t.addr, origin, ttfb_n).await?;
-            eprintln!("  ttfb p50 {:.1} µs p99 {:.1} µs", l.p50, l.p99);
-            r.ttfb = Some(l);
-            let e =
-                measure::event_delay(t.addr, origin, streams, events, Duration::from_millis(15))
-                    .await?;
-            eprintln!(
-                "  event delay p50 {:.1} p99 {:.1} max {:.1} µs, coalesced {}/{}",
-                e.lat.p50, e.lat.p99, e.lat.max, e.coalesced, e.lat.n
-            );
-            r.events = Some(e);
-        }
         if k != Kind::Direct && o.runs("cpu") {
             let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
             eprintln!(
@@ -272,7 +304,6 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             r.disconnect.push((name.to_string(), d));
         }
         t.stop();
-        rows.push((k, r));
     }
     for (k, r) in rows.iter_mut() {
         if *k == Kind::Direct || steps.is_empty() || !o.runs("memory") {
@@ -296,6 +327,14 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+fn names(kinds: &[Kind]) -> String {
+    kinds
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn which(prog: &str) -> Option<PathBuf> {

@@ -28,7 +28,7 @@ pub struct Lat {
 }
 
 impl Lat {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         Self {
             p50: h.value_at_quantile(0.50) as f64 / 1000.0,
             p99: h.value_at_quantile(0.99) as f64 / 1000.0,
@@ -38,14 +38,18 @@ impl Lat {
     }
 }
 
-fn hist() -> Histogram<u64> {
+pub fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).unwrap()
 }
 
 /// Measurement 1, time to first byte: request written -> first event read, one keep-alive connection.
-pub async fn ttfb(addr: SocketAddr, origin: Instant, n: usize) -> Result<Lat, Error> {
+pub async fn ttfb(
+    addr: SocketAddr,
+    origin: Instant,
+    n: usize,
+    h: &mut Histogram<u64>,
+) -> Result<(), Error> {
     let mut c = Conn::connect(addr, origin).await?;
-    let mut h = hist();
     for i in 0..n + n / 10 {
         let s = Script {
             id: id(),
@@ -64,7 +68,7 @@ pub async fn ttfb(addr: SocketAddr, origin: Instant, n: usize) -> Result<Lat, Er
             h.record(first.saturating_sub(sent).max(1)).unwrap();
         }
     }
-    Ok(Lat::of(&h))
+    Ok(())
 }
 
 /// Measurement 2, per-event delay (emit -> read) with events `gap` apart on `streams` concurrent streams.
@@ -74,13 +78,15 @@ pub struct EventDelay {
     pub coalesced: u64,
 }
 
+/// Records each event's delay into `h`; returns how many events arrived coalesced.
 pub async fn event_delay(
     addr: SocketAddr,
     origin: Instant,
     streams: u64,
     events: u64,
     gap: Duration,
-) -> Result<EventDelay, Error> {
+    h: &mut Histogram<u64>,
+) -> Result<u64, Error> {
     let mut tasks = Vec::new();
     for i in 0..streams {
         let stagger = gap.mul_f64(i as f64 / streams as f64);
@@ -115,7 +121,6 @@ pub async fn event_delay(
             Ok::<_, Error>((samples, coalesced))
         }));
     }
-    let mut h = hist();
     let mut coalesced = 0;
     for t in tasks {
         let (samples, c) = t.await.map_err(|e| e.to_string())??;
@@ -124,10 +129,7 @@ pub async fn event_delay(
         }
         coalesced += c;
     }
-    Ok(EventDelay {
-        lat: Lat::of(&h),
-        coalesced,
-    })
+    Ok(coalesced)
 }
 
 /// Measurement 4, CPU time of the target per forwarded event: `streams` streams of `events` events
