@@ -207,8 +207,12 @@ impl Telemetry {
                 value: telemetry.log_filter.clone(),
                 reason: e.to_string(),
             })?;
+        // Colours only for a terminal: log files and journald get plain text (as NO_COLOR asks too).
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(ansi)
             .with_filter(fmt_filter);
         tracing_subscriber::registry()
             .with(fmt)
