@@ -138,6 +138,43 @@ impl Body for UpstreamRequestBody {
     }
 }
 
+/// The upstream's response body: from hyper's pooled client (TLS, HTTP/2) or from the lean HTTP/1.1
+/// client (plain HTTP/1.1 endpoints).
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    Hyper(Incoming),
+    H1(super::h1::H1Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// What the proxy's forwarding service answers with: the upstream's streamed body, or a short body of its
 /// own (errors).
 #[derive(Debug)]
@@ -154,7 +191,7 @@ enum Kind {
 /// The upstream's response body plus what lives exactly as long as the stream: the capacity permit, the
 /// endpoint's active-stream count, and the drain deadline.
 struct UpstreamStream {
-    body: Option<Incoming>,
+    body: Option<UpstreamBody>,
     info: StreamInfo,
     deadline: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Option<crate::trace::StreamMetrics>,
@@ -199,7 +236,7 @@ impl ProxyBody {
     }
 
     pub(crate) fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         info: StreamInfo,
         deadline: WaitForCancellationFutureOwned,
         permit: Option<OwnedSemaphorePermit>,
@@ -244,7 +281,7 @@ impl Body for ProxyBody {
                                 m.upstream_error(s.active.label());
                             }
                             tracing::warn!(endpoint = s.active.label(), source = "upstream", error = %e, "upstream failed mid-stream");
-                            Some(Err(Box::new(e) as BoxError))
+                            Some(Err(e))
                         }
                         None => {
                             s.body = None;

@@ -7,6 +7,12 @@
 //! retried only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) with no body, as nginx's
 //! `proxy_next_upstream` does: an LLM `POST` may already be generating. Attempts are bounded by the
 //! pool's `max_attempts` (one per endpoint at most). Once response headers arrive there is no retry.
+//!
+//! Plain-HTTP HTTP/1.1 endpoints are reached with the lean client of [`super::h1`] (the body is read in
+//! the task that forwards it); TLS and HTTP/2 endpoints with hyper-util's pooled client. A pooled
+//! HTTP/1.1 connection that the upstream closed while it sat idle, found out only when the request
+//! gets no answer, is not an attempt: the request is resent on a fresh connection (at most twice) if
+//! its body can be sent again, as nginx does with a cached connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,9 +26,10 @@ use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{ProxyBody, UpstreamRequestBody};
+use super::body::{ProxyBody, UpstreamBody, UpstreamRequestBody};
 use super::config::{HostHeader, RouteConfig, UpstreamProtocol};
 use super::error::{ProxyError, ProxyErrorKind};
+use super::h1::SendError;
 use super::headers::{add_forwarding, strip_hop_by_hop, Forwarded};
 use super::pool::{ActiveGuard, Pool};
 use crate::StreamInfo;
@@ -187,6 +194,7 @@ impl Forward {
         let mut next_body = Some(first_body);
         let mut tried: Vec<usize> = Vec::with_capacity(pool.max_attempts());
         let mut last_connect_error: Option<String> = None;
+        let mut stale_retries = 0;
         loop {
             let i = match pool.pick(&tried) {
                 Ok(i) => i,
@@ -239,7 +247,33 @@ impl Forward {
             crate::trace::record_upstream(&ep.label);
             crate::trace::inject_context(up.headers_mut());
             let active = ActiveGuard::new(ep.clone());
-            match pool.client.request(up).await {
+            let sent = match &ep.h1 {
+                Some(h1) => h1
+                    .send(up)
+                    .await
+                    .map(|r| r.map(UpstreamBody::H1))
+                    .map_err(AttemptError::H1),
+                None => pool
+                    .client
+                    .request(up)
+                    .await
+                    .map(|r| r.map(UpstreamBody::Hyper))
+                    .map_err(AttemptError::Hyper),
+            };
+            if let Err(AttemptError::H1(SendError::Stale(e))) = &sent {
+                // A pooled connection the upstream had closed while idle: nothing was processed.
+                // Resend on a fresh connection (not an attempt), if the body can be sent again.
+                if stale_retries < 2 {
+                    if let Some(b) = replay.body() {
+                        stale_retries += 1;
+                        tracing::debug!(endpoint = %ep.label, "pooled connection was closed ({e}); resending");
+                        tried.pop();
+                        next_body = Some(b);
+                        continue;
+                    }
+                }
+            }
+            match sent {
                 Ok(resp) => {
                     pool.succeeded(i);
                     let (mut parts, body) = resp.into_parts();
@@ -260,7 +294,7 @@ impl Forward {
                         m.upstream_error(&ep.label);
                     }
                     let connect = e.is_connect();
-                    let detail = error_chain(&e);
+                    let detail = e.detail();
                     if connect {
                         pool.connect_failed(i);
                         tracing::warn!(endpoint = %ep.label, source = "upstream", "cannot connect: {detail}");
@@ -311,4 +345,28 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Why one attempt got no response headers.
+#[derive(Debug)]
+enum AttemptError {
+    Hyper(hyper_util::client::legacy::Error),
+    H1(SendError),
+}
+
+impl AttemptError {
+    /// Nothing was sent: the connection could not be made.
+    fn is_connect(&self) -> bool {
+        match self {
+            AttemptError::Hyper(e) => e.is_connect(),
+            AttemptError::H1(e) => matches!(e, SendError::Connect(_)),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            AttemptError::Hyper(e) => error_chain(e),
+            AttemptError::H1(e) => e.to_string(),
+        }
+    }
 }

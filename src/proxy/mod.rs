@@ -21,6 +21,7 @@ mod body;
 pub mod config;
 mod error;
 mod forward;
+mod h1;
 mod headers;
 mod pool;
 mod server;

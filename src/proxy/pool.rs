@@ -1,4 +1,6 @@
-//! Upstream pools: endpoints, balancing, passive and active health, one pooled client per pool.
+//! Upstream pools: endpoints, balancing, passive and active health, one pooled client per pool (hyper's,
+//! for TLS and HTTP/2 endpoints and health checks) and the lean HTTP/1.1 client's idle connections per
+//! plain-HTTP endpoint.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,9 @@ pub(crate) struct Endpoint {
     healthy: AtomicBool,
     hc_fails: AtomicU32,
     hc_passes: AtomicU32,
+    /// The lean HTTP/1.1 client's connections, for a plain-HTTP endpoint spoken to in HTTP/1.1; `None`
+    /// for TLS and HTTP/2 endpoints (hyper's client).
+    pub(crate) h1: Option<Arc<super::h1::H1Endpoint>>,
 }
 
 impl Endpoint {
@@ -102,6 +107,14 @@ impl Pool {
                     healthy: AtomicBool::new(true),
                     hc_fails: AtomicU32::new(0),
                     hc_passes: AtomicU32::new(0),
+                    h1: (e.scheme == http::uri::Scheme::HTTP
+                        && cfg.protocol != UpstreamProtocol::Http2)
+                        .then(|| {
+                            Arc::new(super::h1::H1Endpoint::new(
+                                &e.authority,
+                                cfg.connect_timeout,
+                            ))
+                        }),
                 })
             })
             .collect();

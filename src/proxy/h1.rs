@@ -1,0 +1,903 @@
+//! A lean HTTP/1.1 client for plain-HTTP upstreams, built for long streams.
+//!
+//! hyper-util's pooled client runs every upstream connection as a task of its own and hands the
+//! response body to the proxy one chunk at a time through a channel. For a stream that costs two tasks
+//! and a wake-up between them per chunk, a flush (one `writev`) per upstream chunk even when one read
+//! brought many, and four buffers per stream (read and write on each connection, plus the request
+//! channel). This client instead reads the response body in the task that forwards it:
+//!
+//! - no connection task and no channel: the body's `poll_frame` reads the socket;
+//! - no buffer kept between reads: each read lands in a stack buffer and what it decodes to is copied
+//!   into one frame of exactly that size, so an idle stream holds no read buffer, and everything one
+//!   read brought goes to the client as one frame (which adds no delay: it arrived together);
+//! - the request head is encoded into a short-lived buffer and written at once.
+//!
+//! Connections are pooled per endpoint (LIFO, at most [`MAX_IDLE`], closed after [`IDLE_TIMEOUT`]
+//! unused) and reused only after a response whose framing (`Content-Length` or chunked) was read to its
+//! exact end, from an HTTP/1.1 upstream that did not say `Connection: close`. A pooled connection is
+//! checked with a non-blocking read before reuse; one that still fails before any response byte is
+//! reported as [`SendError::Stale`] so the caller can resend on a fresh connection. Dropping the body
+//! (client gone, idle cut, shutdown) closes the connection at once. TLS and HTTP/2 upstreams use
+//! hyper's client.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::body::UpstreamRequestBody;
+
+/// Idle connections kept per endpoint.
+pub(crate) const MAX_IDLE: usize = 256;
+/// An idle connection unused this long is closed instead of reused.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Largest response head accepted (nginx's default is 4–8 KiB; hyper's ~400 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response head.
+const MAX_HEADERS: usize = 128;
+/// One read's worth of body bytes.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Why a request did not get response headers.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(io::Error),
+    /// A reused connection failed before any byte of the response: it was closed by the upstream while
+    /// idle. Safe to resend on a fresh connection if the body can be replayed.
+    Stale(io::Error),
+    /// The connection failed, or the upstream answered something that is not HTTP/1.1, before the
+    /// response head was complete.
+    BeforeResponse(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "cannot connect: {e}"),
+            SendError::Stale(e) => write!(f, "pooled connection was closed by the upstream: {e}"),
+            SendError::BeforeResponse(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// The upstream connection pool of one plain-HTTP endpoint.
+#[derive(Debug)]
+pub(crate) struct H1Endpoint {
+    /// `host:port` to connect to.
+    authority: String,
+    host_header: HeaderValue,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<(TcpStream, Instant)>>,
+}
+
+impl H1Endpoint {
+    pub(crate) fn new(authority: &http::uri::Authority, connect_timeout: Duration) -> Self {
+        let port = authority.port_u16().unwrap_or(80);
+        // As hyper-util sets it: the default port is left out.
+        let host = if port == 80 {
+            authority.host().to_string()
+        } else {
+            authority.as_str().to_string()
+        };
+        Self {
+            authority: format!("{}:{port}", authority.host()),
+            host_header: HeaderValue::from_str(&host)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Idle connections held now.
+    #[cfg(test)]
+    pub(crate) fn idle_len(&self) -> usize {
+        self.idle.lock().map_or(0, |v| v.len())
+    }
+
+    fn checkout(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some((s, since)) = idle.pop() {
+            if since.elapsed() >= IDLE_TIMEOUT {
+                continue;
+            }
+            // Alive means: nothing to read yet. EOF, an error or stray bytes mean it cannot be used.
+            let mut probe = [0u8; 1];
+            match s.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(s),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, s: TcpStream) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
+            if idle.len() < MAX_IDLE {
+                idle.push((s, Instant::now()));
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, SendError> {
+        let s = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
+            .await
+            .map_err(|_| {
+                SendError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", self.connect_timeout),
+                ))
+            })?
+            .map_err(SendError::Connect)?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+
+    /// Sends `req` (origin-form target from its URI) and returns once the response head is read.
+    pub(crate) async fn send(
+        self: &std::sync::Arc<Self>,
+        req: Request<UpstreamRequestBody>,
+    ) -> Result<Response<H1Body>, SendError> {
+        let (reused, mut io) = match self.checkout() {
+            Some(s) => (true, s),
+            None => (false, self.connect().await?),
+        };
+        let (parts, mut body) = req.into_parts();
+        let head = encode_head(&parts, &body, &self.host_header);
+        let chunked = head.1;
+        let before = |e: io::Error| {
+            if reused {
+                SendError::Stale(e)
+            } else {
+                SendError::BeforeResponse(format!("writing the request failed: {e}"))
+            }
+        };
+        io.write_all(&head.0).await.map_err(before)?;
+        drop(head);
+        if !body.is_end_stream() {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| {
+                    SendError::BeforeResponse(format!(
+                        "reading the client's request body failed: {e}"
+                    ))
+                })?;
+                let Ok(mut data) = frame.into_data() else {
+                    continue; // Trailers of the request are not forwarded.
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    io.write_all(size.as_bytes()).await.map_err(write_err)?;
+                    io.write_all_buf(&mut data).await.map_err(write_err)?;
+                    io.write_all(b"\r\n").await.map_err(write_err)?;
+                } else {
+                    io.write_all_buf(&mut data).await.map_err(write_err)?;
+                }
+            }
+            if chunked {
+                io.write_all(b"0\r\n\r\n").await.map_err(write_err)?;
+            }
+        }
+        let (resp, rest) = read_head(&mut io, reused).await?;
+        let framing = framing(&parts.method, &resp);
+        let reusable = resp.version == Version::HTTP_11 && !has_close(&resp.headers);
+        let mut body = H1Body {
+            io: Some(io),
+            framing,
+            chunk: ChunkState::default(),
+            pending: rest,
+            size_acc: 0,
+            reusable,
+            endpoint: Some(self.clone()),
+            done: false,
+        };
+        if matches!(body.framing, Framing::Length(0) | Framing::Empty) {
+            body.finish();
+        }
+        let mut out = Response::new(body);
+        *out.status_mut() = resp.status;
+        *out.version_mut() = resp.version;
+        *out.headers_mut() = resp.headers;
+        Ok(out)
+    }
+}
+
+fn write_err(e: io::Error) -> SendError {
+    SendError::BeforeResponse(format!("writing the request body failed: {e}"))
+}
+
+/// The request head, and whether the body goes chunked.
+fn encode_head(
+    parts: &http::request::Parts,
+    body: &UpstreamRequestBody,
+    host: &HeaderValue,
+) -> (Vec<u8>, bool) {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256 + 32 * parts.headers.len());
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut chunked = false;
+    if body.is_end_stream() {
+        if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        chunked = true;
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, chunked)
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Reads up to the end of the (final, non-1xx) response head; returns it and the bytes after it.
+async fn read_head(io: &mut TcpStream, reused: bool) -> Result<(Head, Bytes), SendError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let n = io.read_buf(&mut buf).await;
+        let n = match n {
+            Ok(n) => n,
+            Err(e) if reused && buf.is_empty() => return Err(SendError::Stale(e)),
+            Err(e) => {
+                return Err(SendError::BeforeResponse(format!(
+                    "reading the response head failed: {e}"
+                )))
+            }
+        };
+        if n == 0 {
+            if reused && buf.is_empty() {
+                return Err(SendError::Stale(io::ErrorKind::UnexpectedEof.into()));
+            }
+            return Err(SendError::BeforeResponse(
+                "the upstream closed the connection before a complete response head".into(),
+            ));
+        }
+        // Parse every complete head in the buffer: 1xx heads (100 Continue, 103 Early Hints) are
+        // skipped.
+        loop {
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut r = httparse::Response::new(&mut storage);
+            let len = match r.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => break,
+                Err(e) => {
+                    return Err(SendError::BeforeResponse(format!(
+                        "the upstream's response head is not valid HTTP/1.1: {e}"
+                    )))
+                }
+            };
+            let code = r.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code).map_err(|_| {
+                SendError::BeforeResponse(format!("invalid status code {code} from the upstream"))
+            })?;
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(SendError::BeforeResponse(
+                        "the upstream switched protocols, which streamgate does not proxy".into(),
+                    ));
+                }
+                buf.advance(len);
+                continue;
+            }
+            let version = if r.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            let mut headers = HeaderMap::with_capacity(r.headers.len());
+            for h in r.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                    SendError::BeforeResponse(format!("invalid header name {:?}", h.name))
+                })?;
+                let value = HeaderValue::from_bytes(h.value).map_err(|_| {
+                    SendError::BeforeResponse(format!("invalid value of header {name}"))
+                })?;
+                headers.append(name, value);
+            }
+            buf.advance(len);
+            let rest = buf.split().freeze();
+            return Ok((
+                Head {
+                    status,
+                    version,
+                    headers,
+                },
+                rest,
+            ));
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(SendError::BeforeResponse(format!(
+                "the upstream's response head is larger than {MAX_HEAD} bytes"
+            )));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+    }
+}
+
+fn has_close(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    })
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes: never reusable.
+    Eof,
+}
+
+fn framing(method: &Method, h: &Head) -> Framing {
+    if method == Method::HEAD
+        || h.status == StatusCode::NO_CONTENT
+        || h.status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::Empty;
+    }
+    if let Some(te) = h
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last = te
+            .to_str()
+            .ok()
+            .and_then(|s| s.rsplit(',').next())
+            .map(|s| s.trim().to_ascii_lowercase());
+        return if last.as_deref() == Some("chunked") {
+            Framing::Chunked
+        } else {
+            Framing::Eof
+        };
+    }
+    let mut lengths = h
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
+    match lengths.next() {
+        None => Framing::Eof,
+        // An unparsable or conflicting length: read to the end and never reuse.
+        Some(None) => Framing::Eof,
+        Some(Some(n)) if lengths.all(|m| m == Some(n)) => Framing::Length(n),
+        Some(Some(_)) => Framing::Eof,
+    }
+}
+
+/// Incremental chunked decoder state (sizes and CRLFs; data bytes go straight to the output).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    SizeExt,
+    SizeLf,
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// After the last chunk: trailer lines; `true` when the current line is empty so far.
+    Trailer(bool),
+    TrailerLf(bool),
+    Done,
+}
+
+/// The error of a response body that ended before its framing said it would.
+#[derive(Debug)]
+pub(crate) struct BodyError(String);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// Decodes `input` into `out`; returns the bytes consumed (less than all when the message ended).
+fn decode_chunked(
+    st: &mut ChunkState,
+    size_acc: &mut u64,
+    input: &[u8],
+    out: &mut BytesMut,
+) -> Result<usize, BodyError> {
+    let bad = |what: &str| BodyError(format!("invalid chunked body from the upstream: {what}"));
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        match *st {
+            ChunkState::Size => match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                    *size_acc = size_acc
+                        .checked_mul(16)
+                        .and_then(|v| v.checked_add(d))
+                        .ok_or_else(|| bad("chunk size overflows"))?;
+                }
+                b';' | b' ' | b'\t' => *st = ChunkState::SizeExt,
+                b'\r' => *st = ChunkState::SizeLf,
+                b'\n' => end_size(st, size_acc),
+                _ => return Err(bad("chunk size")),
+            },
+            ChunkState::SizeExt => match b {
+                b'\r' => *st = ChunkState::SizeLf,
+                b'\n' => end_size(st, size_acc),
+                _ => {}
+            },
+            ChunkState::SizeLf => {
+                if b != b'\n' {
+                    return Err(bad("chunk size line"));
+                }
+                end_size(st, size_acc);
+            }
+            ChunkState::Data(left) => {
+                let n = (left as usize).min(input.len() - i);
+                out.extend_from_slice(&input[i..i + n]);
+                i += n;
+                let left = left - n as u64;
+                *st = if left == 0 {
+                    ChunkState::DataCr
+                } else {
+                    ChunkState::Data(left)
+                };
+                continue;
+            }
+            ChunkState::DataCr => match b {
+                b'\r' => *st = ChunkState::DataLf,
+                b'\n' => *st = ChunkState::Size,
+                _ => return Err(bad("chunk data not followed by CRLF")),
+            },
+            ChunkState::DataLf => {
+                if b != b'\n' {
+                    return Err(bad("chunk data not followed by CRLF"));
+                }
+                *st = ChunkState::Size;
+            }
+            ChunkState::Trailer(empty) => match b {
+                b'\r' => *st = ChunkState::TrailerLf(empty),
+                b'\n' if empty => {
+                    *st = ChunkState::Done;
+                    return Ok(i + 1);
+                }
+                b'\n' => *st = ChunkState::Trailer(true),
+                _ => *st = ChunkState::Trailer(false),
+            },
+            ChunkState::TrailerLf(empty) => {
+                if b != b'\n' {
+                    return Err(bad("trailer line"));
+                }
+                if empty {
+                    *st = ChunkState::Done;
+                    return Ok(i + 1);
+                }
+                *st = ChunkState::Trailer(true);
+            }
+            ChunkState::Done => return Ok(i),
+        }
+        i += 1;
+    }
+    Ok(i)
+}
+
+fn end_size(st: &mut ChunkState, size_acc: &mut u64) {
+    *st = if *size_acc == 0 {
+        ChunkState::Trailer(true)
+    } else {
+        ChunkState::Data(*size_acc)
+    };
+    *size_acc = 0;
+}
+
+/// The response body of [`H1Endpoint::send`]: reads the upstream socket when polled.
+#[derive(Debug)]
+pub(crate) struct H1Body {
+    io: Option<TcpStream>,
+    framing: Framing,
+    chunk: ChunkState,
+    /// Body bytes read with the head, not yet decoded.
+    pending: Bytes,
+    /// Digits of a chunk size read so far (a size line may span reads).
+    size_acc: u64,
+    reusable: bool,
+    endpoint: Option<std::sync::Arc<H1Endpoint>>,
+    done: bool,
+}
+
+impl H1Body {
+    /// The message is complete: pool the connection if it can be reused, else close it.
+    fn finish(&mut self) {
+        self.done = true;
+        let io = self.io.take();
+        let endpoint = self.endpoint.take();
+        if let (Some(io), Some(ep)) = (io, endpoint) {
+            if self.reusable && self.pending.is_empty() && self.framing != Framing::Eof {
+                ep.checkin(io);
+            }
+        }
+    }
+
+    /// Decodes `input` into `out` per the framing; returns whether the message ended, and the bytes
+    /// of `input` that belonged to it.
+    fn decode(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(bool, usize), BodyError> {
+        match self.framing {
+            Framing::Empty => Ok((true, 0)),
+            Framing::Eof => {
+                out.extend_from_slice(input);
+                Ok((false, input.len()))
+            }
+            Framing::Length(left) => {
+                let n = (left as usize).min(input.len());
+                out.extend_from_slice(&input[..n]);
+                let left = left - n as u64;
+                self.framing = Framing::Length(left);
+                Ok((left == 0, n))
+            }
+            Framing::Chunked => {
+                let used = decode_chunked(&mut self.chunk, &mut self.size_acc, input, out)?;
+                Ok((self.chunk == ChunkState::Done, used))
+            }
+        }
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // Bytes that came with the head first.
+        if !this.pending.is_empty() {
+            let pending = std::mem::take(&mut this.pending);
+            let mut out = BytesMut::with_capacity(pending.len());
+            let (ended, used) = this.decode(&pending, &mut out)?;
+            if ended {
+                this.pending = pending.slice(used..);
+                this.finish();
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+        }
+        loop {
+            let Some(io) = this.io.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let mut space = [0u8; READ_SIZE];
+            let mut rb = ReadBuf::new(&mut space);
+            match Pin::new(io).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.io = None;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(BodyError(format!(
+                        "reading the upstream's response body failed: {e}"
+                    )))));
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let read = rb.filled();
+            if read.is_empty() {
+                this.io = None;
+                if this.framing == Framing::Eof {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                this.done = true;
+                return Poll::Ready(Some(Err(BodyError(
+                    "the upstream closed the connection before the end of the response body".into(),
+                ))));
+            }
+            let mut out = BytesMut::with_capacity(read.len());
+            let (ended, used) = this.decode(read, &mut out)?;
+            if ended {
+                if used < read.len() {
+                    // Bytes past the end of the message: the connection cannot be trusted.
+                    this.reusable = false;
+                }
+                this.finish();
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            _ if self.done => SizeHint::with_exact(0),
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::net::TcpListener;
+
+    fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, ChunkState, usize), BodyError> {
+        let mut st = ChunkState::default();
+        let mut acc = 0;
+        let mut out = BytesMut::new();
+        let mut used = 0;
+        for p in parts {
+            used = decode_chunked(&mut st, &mut acc, p, &mut out)?;
+        }
+        Ok((out.to_vec(), st, used))
+    }
+
+    #[test]
+    fn chunked_split_anywhere_decodes_the_same() {
+        let msg: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for cut in 0..msg.len() {
+            let (a, b) = msg.split_at(cut);
+            let mut st = ChunkState::default();
+            let mut acc = 0;
+            let mut out = BytesMut::new();
+            let end = msg.len() - 4;
+            let used_a = decode_chunked(&mut st, &mut acc, a, &mut out).unwrap();
+            assert_eq!(used_a, a.len().min(end), "cut {cut}");
+            let used_b = decode_chunked(&mut st, &mut acc, b, &mut out).unwrap();
+            assert_eq!(&out[..], b"hello0123456789", "cut {cut}");
+            assert_eq!(st, ChunkState::Done, "cut {cut}");
+            // Decoding stops at the end of the message: "NEXT" is not consumed.
+            assert_eq!(used_a + used_b, end, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn chunked_rejects_garbage_and_overflow() {
+        assert!(decode_all(&[b"zz\r\n"]).is_err());
+        assert!(decode_all(&[b"3\r\nabcX"]).is_err());
+        assert!(decode_all(&[b"fffffffffffffffff\r\n"]).is_err());
+        let (out, st, _) = decode_all(&[b"3\nabc\n0\n\n"]).unwrap();
+        assert_eq!((out.as_slice(), st), (&b"abc"[..], ChunkState::Done));
+    }
+
+    fn head(status: u16, headers: &[(&'static str, &'static str)]) -> Head {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        Head {
+            status: StatusCode::from_u16(status).unwrap(),
+            version: Version::HTTP_11,
+            headers: h,
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = Method::GET;
+        assert_eq!(
+            framing(&Method::HEAD, &head(200, &[("content-length", "5")])),
+            Framing::Empty
+        );
+        assert_eq!(framing(&get, &head(204, &[])), Framing::Empty);
+        assert_eq!(
+            framing(&get, &head(304, &[("content-length", "5")])),
+            Framing::Empty
+        );
+        assert_eq!(
+            framing(
+                &get,
+                &head(
+                    200,
+                    &[
+                        ("transfer-encoding", "gzip, chunked"),
+                        ("content-length", "5")
+                    ]
+                )
+            ),
+            Framing::Chunked
+        );
+        assert_eq!(
+            framing(&get, &head(200, &[("transfer-encoding", "gzip")])),
+            Framing::Eof
+        );
+        assert_eq!(
+            framing(&get, &head(200, &[("content-length", "5")])),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            framing(
+                &get,
+                &head(200, &[("content-length", "5"), ("content-length", "6")])
+            ),
+            Framing::Eof
+        );
+        assert_eq!(framing(&get, &head(200, &[])), Framing::Eof);
+        assert!(has_close(
+            &head(200, &[("connection", "keep-alive, Close")]).headers
+        ));
+    }
+
+    /// An upstream that answers each request on a connection with `answer`, then keeps reading.
+    async fn upstream(answer: &'static [u8]) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut tmp = [0u8; 1024];
+                    loop {
+                        while let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..p + 4);
+                            if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr.to_string(), conns)
+    }
+
+    fn endpoint(addr: &str) -> Arc<H1Endpoint> {
+        Arc::new(H1Endpoint::new(
+            &addr.parse().unwrap(),
+            Duration::from_secs(1),
+        ))
+    }
+
+    fn get(path: &str) -> Request<UpstreamRequestBody> {
+        Request::builder()
+            .uri(path)
+            .body(UpstreamRequestBody::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fully_read_response_returns_its_connection_to_the_pool() {
+        let (addr, conns) = upstream(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+        let ep = endpoint(&addr);
+        for _ in 0..3 {
+            let resp = ep.send(get("/x")).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"abc");
+            assert_eq!(ep.idle_len(), 1);
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_closes_its_connection() {
+        let (addr, conns) =
+            upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part").await;
+        let ep = endpoint(&addr);
+        let resp = ep.send(get("/x")).await.unwrap();
+        drop(resp);
+        assert_eq!(ep.idle_len(), 0);
+        let resp = ep.send(get("/x")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn close_delimited_and_connection_close_responses_are_not_reused() {
+        let (addr, _) =
+            upstream(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok").await;
+        let ep = endpoint(&addr);
+        let body = ep
+            .send(get("/"))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        assert_eq!(ep.idle_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_upstream_is_not_used() {
+        // The upstream answers once, then closes: the pooled connection is dead by the next request.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut tmp = [0u8; 1024];
+                let _ = s.read(&mut tmp).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = s.shutdown().await;
+                let _ = closed_tx.send(());
+            }
+        });
+        let ep = endpoint(&addr);
+        let body = ep
+            .send(get("/"))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        // The FIN is on the loopback socket once the upstream's shutdown returned.
+        closed.recv().await.unwrap();
+        assert_eq!(ep.idle_len(), 1);
+        let resp = ep.send(get("/")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+}
