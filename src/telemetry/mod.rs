@@ -29,6 +29,7 @@
 //! rejected at startup). [`Telemetry::shutdown`] flushes, bounded by a timeout.
 
 mod export;
+mod logwriter;
 mod prometheus;
 mod serve;
 
@@ -192,6 +193,8 @@ pub struct Telemetry {
     _observers: Vec<ObservableCounter<u64>>,
     log_filter: String,
     shut_down: std::sync::atomic::AtomicBool,
+    /// The stderr writer thread of [`Telemetry::init`]'s subscriber, flushed at shutdown.
+    log: Option<logwriter::LogWriter>,
 }
 
 impl Telemetry {
@@ -200,7 +203,7 @@ impl Telemetry {
     /// Call once per process, before serving. Fails on an invalid filter or endpoint, or if a global
     /// subscriber is already installed.
     pub fn init(cfg: TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-        let telemetry = Self::new(cfg)?;
+        let mut telemetry = Self::new(cfg)?;
         let fmt_filter =
             EnvFilter::try_new(&telemetry.log_filter).map_err(|e| TelemetryError::Config {
                 key: "log_filter",
@@ -210,8 +213,16 @@ impl Telemetry {
         // Colours only for a terminal: log files and journald get plain text (as NO_COLOR asks too).
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        // Lines go to stderr from a thread of their own (see `logwriter`); stderr directly if that
+        // thread cannot start.
+        let log = logwriter::LogWriter::stderr().ok();
+        let writer = match &log {
+            Some(w) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(w.clone()),
+            None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+        };
+        telemetry.log = log;
         let fmt = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(ansi)
             .with_filter(fmt_filter);
         tracing_subscriber::registry()
@@ -292,6 +303,7 @@ impl Telemetry {
             _observers: observers,
             log_filter,
             shut_down: std::sync::atomic::AtomicBool::new(false),
+            log: None,
         })
     }
 
@@ -397,6 +409,9 @@ impl Telemetry {
             t.stop_runtime();
         }
         let _ = self.meter_provider.shutdown();
+        if let Some(log) = &self.log {
+            log.flush();
+        }
     }
 }
 
@@ -412,6 +427,9 @@ impl Drop for Telemetry {
         // Dropped without `shutdown`: stop the export thread without waiting for a flush.
         if let Some(t) = &self.tracing {
             t.stop_runtime();
+        }
+        if let Some(log) = &self.log {
+            log.flush();
         }
     }
 }
