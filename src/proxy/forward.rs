@@ -9,10 +9,8 @@
 //! pool's `max_attempts` (one per endpoint at most). Once response headers arrive there is no retry.
 //!
 //! Plain-HTTP HTTP/1.1 endpoints are reached with the lean client of [`super::h1`] (the body is read in
-//! the task that forwards it); TLS and HTTP/2 endpoints with hyper-util's pooled client. A pooled
-//! HTTP/1.1 connection that the upstream closed while it sat idle, found out only when the request
-//! gets no answer, is not an attempt: the request is resent on a fresh connection (at most twice) if
-//! its body can be sent again, as nginx does with a cached connection.
+//! the task that forwards it; a pooled connection found closed is not an attempt, the client resends
+//! on a fresh one); TLS and HTTP/2 endpoints with hyper-util's pooled client.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -194,7 +192,6 @@ impl Forward {
         let mut next_body = Some(first_body);
         let mut tried: Vec<usize> = Vec::with_capacity(pool.max_attempts());
         let mut last_connect_error: Option<String> = None;
-        let mut stale_retries = 0;
         loop {
             let i = match pool.pick(&tried) {
                 Ok(i) => i,
@@ -260,19 +257,6 @@ impl Forward {
                     .map(|r| r.map(UpstreamBody::Hyper))
                     .map_err(AttemptError::Hyper),
             };
-            if let Err(AttemptError::H1(SendError::Stale(e))) = &sent {
-                // A pooled connection the upstream had closed while idle: nothing was processed.
-                // Resend on a fresh connection (not an attempt), if the body can be sent again.
-                if stale_retries < 2 {
-                    if let Some(b) = replay.body() {
-                        stale_retries += 1;
-                        tracing::debug!(endpoint = %ep.label, "pooled connection was closed ({e}); resending");
-                        tried.pop();
-                        next_body = Some(b);
-                        continue;
-                    }
-                }
-            }
             match sent {
                 Ok(resp) => {
                     pool.succeeded(i);

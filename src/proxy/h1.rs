@@ -15,8 +15,8 @@
 //! Connections are pooled per endpoint (LIFO, at most [`MAX_IDLE`], closed after [`IDLE_TIMEOUT`]
 //! unused) and reused only after a response whose framing (`Content-Length` or chunked) was read to its
 //! exact end, from an HTTP/1.1 upstream that did not say `Connection: close`. A pooled connection is
-//! checked with a non-blocking read before reuse; one that still fails before any response byte is
-//! reported as [`SendError::Stale`] so the caller can resend on a fresh connection. Dropping the body
+//! checked with a non-blocking read before reuse; if one still fails before any response byte, a
+//! request held whole (no body, or a small one) is sent again on a fresh connection. Dropping the body
 //! (client gone, idle cut, shutdown) closes the connection at once. TLS and HTTP/2 upstreams use
 //! hyper's client.
 
@@ -31,7 +31,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamRequestBody;
@@ -46,6 +46,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// One read's worth of body bytes.
 const READ_SIZE: usize = 16 * 1024;
+/// Request bodies of known length up to this size are read before sending, and sent with the head.
+const SMALL_BODY: u64 = 64 * 1024;
 
 /// Why a request did not get response headers.
 #[derive(Debug)]
@@ -53,7 +55,7 @@ pub(crate) enum SendError {
     /// No connection could be made: nothing was sent.
     Connect(io::Error),
     /// A reused connection failed before any byte of the response: it was closed by the upstream while
-    /// idle. Safe to resend on a fresh connection if the body can be replayed.
+    /// idle. [`H1Endpoint::send`] resends on a fresh connection when it holds the whole request.
     Stale(io::Error),
     /// The connection failed, or the upstream answered something that is not HTTP/1.1, before the
     /// response head was complete.
@@ -146,53 +148,77 @@ impl H1Endpoint {
     }
 
     /// Sends `req` (origin-form target from its URI) and returns once the response head is read.
+    ///
+    /// A body of known length up to [`SMALL_BODY`] (an LLM request's JSON) is read first and goes out
+    /// with the head in one write; then, if a pooled connection turns out to have been closed by the
+    /// upstream while idle (no byte of a response before EOF or reset), the request is sent again on a
+    /// fresh connection, as nginx does with a cached connection. A larger or chunked body is streamed
+    /// after the head, and is not resent.
     pub(crate) async fn send(
         self: &std::sync::Arc<Self>,
         req: Request<UpstreamRequestBody>,
     ) -> Result<Response<H1Body>, SendError> {
-        let (reused, mut io) = match self.checkout() {
-            Some(s) => (true, s),
-            None => (false, self.connect().await?),
-        };
         let (parts, mut body) = req.into_parts();
-        let head = encode_head(&parts, &body, &self.host_header);
-        let chunked = head.1;
-        let before = |e: io::Error| {
-            if reused {
-                SendError::Stale(e)
-            } else {
-                SendError::BeforeResponse(format!("writing the request failed: {e}"))
+        let (mut head, chunked) = encode_head(&parts, &body, &self.host_header);
+        let small = match body.size_hint().exact() {
+            _ if body.is_end_stream() => true,
+            Some(n) => n <= SMALL_BODY,
+            None => false,
+        };
+        let mut fresh_only = false;
+        let mut collected = body.is_end_stream();
+        let (io, resp, rest) = loop {
+            let pooled = if fresh_only { None } else { self.checkout() };
+            let reused = pooled.is_some();
+            let mut io = match pooled {
+                Some(s) => s,
+                None => self.connect().await?,
+            };
+            // Only once connected: a refused connection leaves the body unread, for the next
+            // endpoint.
+            if small && !collected {
+                collected = true;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| {
+                        SendError::BeforeResponse(format!(
+                            "reading the client's request body failed: {e}"
+                        ))
+                    })?;
+                    if let Ok(data) = frame.into_data() {
+                        head.extend_from_slice(&data);
+                    }
+                }
+            }
+            let before = |e: io::Error| {
+                if reused {
+                    SendError::Stale(e)
+                } else {
+                    SendError::BeforeResponse(format!("writing the request failed: {e}"))
+                }
+            };
+            let sent = async {
+                io.write_all(&head).await.map_err(before)?;
+                if !small {
+                    stream_body(&mut io, &mut body, chunked).await?;
+                }
+                read_head(&mut io, reused).await
+            }
+            .await;
+            match sent {
+                Ok((resp, rest)) => break (io, resp, rest),
+                Err(SendError::Stale(e)) if small => {
+                    tracing::debug!(upstream = %self.authority, "pooled connection was closed ({e}); resending");
+                    fresh_only = true;
+                }
+                Err(SendError::Stale(e)) => {
+                    return Err(SendError::BeforeResponse(format!(
+                        "the pooled connection was closed by the upstream and the streamed body cannot be resent: {e}"
+                    )))
+                }
+                Err(e) => return Err(e),
             }
         };
-        io.write_all(&head.0).await.map_err(before)?;
         drop(head);
-        if !body.is_end_stream() {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| {
-                    SendError::BeforeResponse(format!(
-                        "reading the client's request body failed: {e}"
-                    ))
-                })?;
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // Trailers of the request are not forwarded.
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    io.write_all(size.as_bytes()).await.map_err(write_err)?;
-                    io.write_all_buf(&mut data).await.map_err(write_err)?;
-                    io.write_all(b"\r\n").await.map_err(write_err)?;
-                } else {
-                    io.write_all_buf(&mut data).await.map_err(write_err)?;
-                }
-            }
-            if chunked {
-                io.write_all(b"0\r\n\r\n").await.map_err(write_err)?;
-            }
-        }
-        let (resp, rest) = read_head(&mut io, reused).await?;
         let framing = framing(&parts.method, &resp);
         let reusable = resp.version == Version::HTTP_11 && !has_close(&resp.headers);
         let mut body = H1Body {
@@ -214,6 +240,37 @@ impl H1Endpoint {
         *out.headers_mut() = resp.headers;
         Ok(out)
     }
+}
+
+/// Streams the client's body after the head (chunked when its length is unknown).
+async fn stream_body(
+    io: &mut TcpStream,
+    body: &mut UpstreamRequestBody,
+    chunked: bool,
+) -> Result<(), SendError> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            SendError::BeforeResponse(format!("reading the client's request body failed: {e}"))
+        })?;
+        let Ok(mut data) = frame.into_data() else {
+            continue; // Trailers of the request are not forwarded.
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            io.write_all(size.as_bytes()).await.map_err(write_err)?;
+            io.write_all_buf(&mut data).await.map_err(write_err)?;
+            io.write_all(b"\r\n").await.map_err(write_err)?;
+        } else {
+            io.write_all_buf(&mut data).await.map_err(write_err)?;
+        }
+    }
+    if chunked {
+        io.write_all(b"0\r\n\r\n").await.map_err(write_err)?;
+    }
+    Ok(())
 }
 
 fn write_err(e: io::Error) -> SendError {
@@ -530,6 +587,39 @@ fn end_size(st: &mut ChunkState, size_acc: &mut u64) {
     *size_acc = 0;
 }
 
+/// One read of the upstream socket into `space`.
+///
+/// A read that did not fill `space` emptied the socket's receive queue: the readiness tokio cached is
+/// cleared right there, so the next poll waits for the next edge instead of calling `read` once more
+/// just to see `EAGAIN`. That read would sit between each event and its `writev` to the client (hyper
+/// flushes once the body returns `Pending`). Safe with edge-triggered epoll: bytes arriving after the
+/// read raise a new edge (tokio skips the clear if one came in meanwhile), and an end of stream that
+/// came with the data leaves tokio's read-closed readiness set, which is never cleared.
+fn read_drained(io: &TcpStream, cx: &mut Context<'_>, space: &mut [u8]) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(io.poll_read_ready(cx))?;
+        let mut got = 0;
+        let r = io.try_io(tokio::io::Interest::READABLE, || {
+            let n = io.try_read(space)?;
+            if n > 0 && n < space.len() {
+                got = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match r {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if got > 0 {
+                    return Poll::Ready(Ok(got));
+                }
+                // Spurious readiness: wait for the next edge.
+            }
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// The response body of [`H1Endpoint::send`]: reads the upstream socket when polled.
 #[derive(Debug)]
 pub(crate) struct H1Body {
@@ -615,8 +705,7 @@ impl Body for H1Body {
                 return Poll::Ready(None);
             };
             let mut space = [0u8; READ_SIZE];
-            let mut rb = ReadBuf::new(&mut space);
-            match Pin::new(io).poll_read(cx, &mut rb) {
+            let n = match read_drained(io, cx, &mut space) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     this.io = None;
@@ -625,9 +714,9 @@ impl Body for H1Body {
                         "reading the upstream's response body failed: {e}"
                     )))));
                 }
-                Poll::Ready(Ok(())) => {}
-            }
-            let read = rb.filled();
+                Poll::Ready(Ok(n)) => n,
+            };
+            let read = &space[..n];
             if read.is_empty() {
                 this.io = None;
                 if this.framing == Framing::Eof {
@@ -899,5 +988,102 @@ mod tests {
         assert_eq!(ep.idle_len(), 1);
         let resp = ep.send(get("/")).await.unwrap();
         assert_eq!(resp.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_meets_a_closed_pooled_connection_is_resent_whole() {
+        // Each connection answers its first request, and closes on the second without answering:
+        // what an upstream that times out an idle keep-alive connection looks like at the worst moment.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut tmp = [0u8; 4096];
+                    let mut answered = 0;
+                    loop {
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        // A request is complete once its 5-byte body (or no body) followed the head.
+                        let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let want = if buf.starts_with(b"POST") {
+                            p + 4 + 5
+                        } else {
+                            p + 4
+                        };
+                        if buf.len() < want {
+                            continue;
+                        }
+                        if answered == 1 {
+                            return; // close without answering
+                        }
+                        seen.lock().unwrap().push(buf.drain(..want).collect());
+                        answered += 1;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        let ep = endpoint(&addr);
+        let body = ep
+            .send(get("/a"))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        assert_eq!(ep.idle_len(), 1);
+        // A POST with a small body goes to the pooled connection, which closes: sent again, whole.
+        let incoming = {
+            // The client body type is hyper's `Incoming`; get one from a real exchange.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                let tx = Mutex::new(Some(tx));
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    if let Some(tx) = tx.lock().unwrap().take() {
+                        let _ = tx.send(req);
+                    }
+                    std::future::pending::<
+                        Result<Response<http_body_util::Empty<Bytes>>, std::convert::Infallible>,
+                    >()
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+            let mut c = TcpStream::connect(a).await.unwrap();
+            // Kept open until the end of the test: the body is read from it.
+            c.write_all(b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+                .await
+                .unwrap();
+            (rx.await.unwrap(), c)
+        };
+        let (incoming, _client) = incoming;
+        let (parts, inc) = incoming.into_parts();
+        let req = Request::from_parts(parts, UpstreamRequestBody::new(inc));
+        let resp = ep.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let last = String::from_utf8_lossy(&seen[1]).into_owned();
+        assert!(last.starts_with("POST /b HTTP/1.1\r\n"), "{last}");
+        assert!(last.ends_with("\r\n\r\nhello"), "{last}");
+        assert!(last.contains("content-length: 5\r\n"), "{last}");
     }
 }
