@@ -3,8 +3,8 @@
 //! A `write(2)` on stderr from an async worker is a system call on the request path (a stream's access
 //! line is emitted as its body ends, right before hyper writes the last bytes to the client), and it
 //! blocks the whole worker when stderr is a pipe to a slow reader (a busy journald, a stuck `| tee`).
-//! [`LogWriter`] appends each formatted line to a buffer instead, waking nobody; a thread writes the
-//! buffer out every [`FLUSH_EVERY`], or as soon as it holds [`FLUSH_BYTES`], as nginx's
+//! [`LogWriter`] appends each formatted line to a buffer instead; a thread, woken by the first line of a
+//! batch, writes the batch out [`FLUSH_EVERY`] later, or as soon as it holds [`FLUSH_BYTES`], as nginx's
 //! `access_log … buffer= flush=` does. When the buffer is full ([`MAX_BYTES`]) lines are dropped and
 //! counted, never waited for, and the count is reported with the next line that fits.
 
@@ -19,6 +19,8 @@ use tracing_subscriber::fmt::MakeWriter;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// A buffer this full is written at once.
 const FLUSH_BYTES: usize = 64 * 1024;
+/// How often an idle writer thread checks that it is still needed.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// Most bytes the buffer holds; lines beyond are dropped.
 const MAX_BYTES: usize = 8 * 1024 * 1024;
 
@@ -75,7 +77,16 @@ impl LogWriter {
                     return;
                 };
                 {
+                    // Idle: sleep until a first line comes (re-checking now and then whether the
+                    // writer is gone). Then give more lines `FLUSH_EVERY` to join it.
                     let buf = shared.buf.lock().unwrap_or_else(|e| e.into_inner());
+                    let (buf, _) = shared
+                        .wake
+                        .wait_timeout_while(buf, IDLE_CHECK, |b| b.is_empty())
+                        .unwrap_or_else(|e| e.into_inner());
+                    if buf.is_empty() {
+                        continue;
+                    }
                     let _ = shared
                         .wake
                         .wait_timeout_while(buf, FLUSH_EVERY, |b| b.len() < FLUSH_BYTES);
@@ -127,8 +138,10 @@ impl Drop for Line {
                 "streamgate: {dropped} log lines dropped: stderr was not keeping up"
             );
         }
+        let was_empty = buf.is_empty();
         buf.extend_from_slice(&self.line);
-        if buf.len() >= FLUSH_BYTES {
+        // One wake-up per batch: for the first line, and when the batch is large.
+        if was_empty || buf.len() >= FLUSH_BYTES {
             s.wake.notify_one();
         }
     }
