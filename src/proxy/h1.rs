@@ -22,7 +22,8 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,8 @@ pub(crate) const MAX_IDLE: usize = 256;
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Largest response head accepted (nginx's default is 4–8 KiB; hyper's ~400 KiB).
 const MAX_HEAD: usize = 64 * 1024;
+/// How often idle connections are checked for being closed by the upstream.
+const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Most headers in a response head.
 const MAX_HEADERS: usize = 128;
 /// One read's worth of body bytes.
@@ -82,6 +85,8 @@ pub(crate) struct H1Endpoint {
     host_header: HeaderValue,
     connect_timeout: Duration,
     idle: Mutex<Vec<(TcpStream, Instant)>>,
+    /// Whether the task that closes dead idle connections runs.
+    reaper: AtomicBool,
 }
 
 impl H1Endpoint {
@@ -99,6 +104,7 @@ impl H1Endpoint {
                 .unwrap_or(HeaderValue::from_static("localhost")),
             connect_timeout,
             idle: Mutex::new(Vec::new()),
+            reaper: AtomicBool::new(false),
         }
     }
 
@@ -111,25 +117,44 @@ impl H1Endpoint {
     fn checkout(&self) -> Option<TcpStream> {
         let mut idle = self.idle.lock().ok()?;
         while let Some((s, since)) = idle.pop() {
-            if since.elapsed() >= IDLE_TIMEOUT {
-                continue;
-            }
-            // Alive means: nothing to read yet. EOF, an error or stray bytes mean it cannot be used.
-            let mut probe = [0u8; 1];
-            match s.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(s),
-                _ => continue,
+            if usable(&s, since) {
+                return Some(s);
             }
         }
         None
     }
 
-    fn checkin(&self, s: TcpStream) {
+    fn checkin(self: &Arc<Self>, s: TcpStream) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
             if idle.len() < MAX_IDLE {
                 idle.push((s, Instant::now()));
             }
+        }
+        if !self.reaper.swap(true, Ordering::Relaxed) {
+            // Close idle connections the upstream closed (else they sit in CLOSE_WAIT until the next
+            // request) or that aged out, even when no request comes.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let weak = Arc::downgrade(self);
+                rt.spawn(async move {
+                    let mut tick = tokio::time::interval(REAP_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        match weak.upgrade() {
+                            Some(ep) => ep.reap(),
+                            None => return,
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Closes the idle connections that cannot be used any more.
+    fn reap(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|(s, since)| usable(s, *since));
         }
     }
 
@@ -155,7 +180,7 @@ impl H1Endpoint {
     /// fresh connection, as nginx does with a cached connection. A larger or chunked body is streamed
     /// after the head, and is not resent.
     pub(crate) async fn send(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         req: Request<UpstreamRequestBody>,
     ) -> Result<Response<H1Body>, SendError> {
         let (parts, mut body) = req.into_parts();
@@ -271,6 +296,16 @@ async fn stream_body(
         io.write_all(b"0\r\n\r\n").await.map_err(write_err)?;
     }
     Ok(())
+}
+
+/// An idle connection can be reused: not too old, and nothing to read (EOF, an error or stray bytes
+/// mean the upstream closed it or broke the protocol).
+fn usable(s: &TcpStream, since: Instant) -> bool {
+    if since.elapsed() >= IDLE_TIMEOUT {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 fn write_err(e: io::Error) -> SendError {
@@ -631,7 +666,7 @@ pub(crate) struct H1Body {
     /// Digits of a chunk size read so far (a size line may span reads).
     size_acc: u64,
     reusable: bool,
-    endpoint: Option<std::sync::Arc<H1Endpoint>>,
+    endpoint: Option<Arc<H1Endpoint>>,
     done: bool,
 }
 
@@ -984,6 +1019,21 @@ mod tests {
             .unwrap();
         assert_eq!(&body.to_bytes()[..], b"ok");
         // The FIN is on the loopback socket once the upstream's shutdown returned.
+        closed.recv().await.unwrap();
+        assert_eq!(ep.idle_len(), 1);
+        // The reaper closes it without waiting for a request; run its check now.
+        ep.reap();
+        assert_eq!(ep.idle_len(), 0);
+        // And the next request gets a fresh connection.
+        let body = ep
+            .send(get("/"))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
         closed.recv().await.unwrap();
         assert_eq!(ep.idle_len(), 1);
         let resp = ep.send(get("/")).await.unwrap();
