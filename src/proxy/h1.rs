@@ -251,7 +251,6 @@ impl H1Endpoint {
             framing,
             chunk: ChunkState::default(),
             pending: rest,
-            size_acc: 0,
             reusable,
             endpoint: Some(self.clone()),
             done: false,
@@ -501,12 +500,12 @@ fn framing(method: &Method, h: &Head) -> Framing {
 }
 
 /// Incremental chunked decoder state (sizes and CRLFs; data bytes go straight to the output).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
-    #[default]
-    Size,
-    SizeExt,
-    SizeLf,
+    /// Reading a chunk size: the digits so far (a size line may span reads).
+    Size(u64),
+    SizeExt(u64),
+    SizeLf(u64),
     Data(u64),
     DataCr,
     DataLf,
@@ -528,41 +527,55 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+impl Default for ChunkState {
+    fn default() -> Self {
+        ChunkState::Size(0)
+    }
+}
+
 /// Decodes `input` into `out`; returns the bytes consumed (less than all when the message ended).
 fn decode_chunked(
     st: &mut ChunkState,
-    size_acc: &mut u64,
     input: &[u8],
     out: &mut BytesMut,
 ) -> Result<usize, BodyError> {
     let bad = |what: &str| BodyError(format!("invalid chunked body from the upstream: {what}"));
+    // After a size line: the chunk's data, or the trailer section after the last chunk.
+    let sized = |n: u64| {
+        if n == 0 {
+            ChunkState::Trailer(true)
+        } else {
+            ChunkState::Data(n)
+        }
+    };
     let mut i = 0;
     while i < input.len() {
         let b = input[i];
         match *st {
-            ChunkState::Size => match b {
+            ChunkState::Size(n) => match b {
                 b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                     let d = u64::from((b as char).to_digit(16).unwrap_or(0));
-                    *size_acc = size_acc
+                    let n = n
                         .checked_mul(16)
                         .and_then(|v| v.checked_add(d))
                         .ok_or_else(|| bad("chunk size overflows"))?;
+                    *st = ChunkState::Size(n);
                 }
-                b';' | b' ' | b'\t' => *st = ChunkState::SizeExt,
-                b'\r' => *st = ChunkState::SizeLf,
-                b'\n' => end_size(st, size_acc),
+                b';' | b' ' | b'\t' => *st = ChunkState::SizeExt(n),
+                b'\r' => *st = ChunkState::SizeLf(n),
+                b'\n' => *st = sized(n),
                 _ => return Err(bad("chunk size")),
             },
-            ChunkState::SizeExt => match b {
-                b'\r' => *st = ChunkState::SizeLf,
-                b'\n' => end_size(st, size_acc),
+            ChunkState::SizeExt(n) => match b {
+                b'\r' => *st = ChunkState::SizeLf(n),
+                b'\n' => *st = sized(n),
                 _ => {}
             },
-            ChunkState::SizeLf => {
+            ChunkState::SizeLf(n) => {
                 if b != b'\n' {
                     return Err(bad("chunk size line"));
                 }
-                end_size(st, size_acc);
+                *st = sized(n);
             }
             ChunkState::Data(left) => {
                 let n = (left as usize).min(input.len() - i);
@@ -578,14 +591,14 @@ fn decode_chunked(
             }
             ChunkState::DataCr => match b {
                 b'\r' => *st = ChunkState::DataLf,
-                b'\n' => *st = ChunkState::Size,
+                b'\n' => *st = ChunkState::default(),
                 _ => return Err(bad("chunk data not followed by CRLF")),
             },
             ChunkState::DataLf => {
                 if b != b'\n' {
                     return Err(bad("chunk data not followed by CRLF"));
                 }
-                *st = ChunkState::Size;
+                *st = ChunkState::default();
             }
             ChunkState::Trailer(empty) => match b {
                 b'\r' => *st = ChunkState::TrailerLf(empty),
@@ -611,15 +624,6 @@ fn decode_chunked(
         i += 1;
     }
     Ok(i)
-}
-
-fn end_size(st: &mut ChunkState, size_acc: &mut u64) {
-    *st = if *size_acc == 0 {
-        ChunkState::Trailer(true)
-    } else {
-        ChunkState::Data(*size_acc)
-    };
-    *size_acc = 0;
 }
 
 /// One read of the upstream socket into `space`.
@@ -663,8 +667,6 @@ pub(crate) struct H1Body {
     chunk: ChunkState,
     /// Body bytes read with the head, not yet decoded.
     pending: Bytes,
-    /// Digits of a chunk size read so far (a size line may span reads).
-    size_acc: u64,
     reusable: bool,
     endpoint: Option<Arc<H1Endpoint>>,
     done: bool,
@@ -677,34 +679,47 @@ impl H1Body {
         let io = self.io.take();
         let endpoint = self.endpoint.take();
         if let (Some(io), Some(ep)) = (io, endpoint) {
-            if self.reusable && self.pending.is_empty() && self.framing != Framing::Eof {
+            if self.reusable && self.framing != Framing::Eof {
                 ep.checkin(io);
             }
         }
     }
 
-    /// Decodes `input` into `out` per the framing; returns whether the message ended, and the bytes
-    /// of `input` that belonged to it.
-    fn decode(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(bool, usize), BodyError> {
-        match self.framing {
-            Framing::Empty => Ok((true, 0)),
+    /// Decodes what one read brought into one frame's worth of bytes (empty when it held only
+    /// framing), and ends the message when its framing says so.
+    fn take(&mut self, input: &[u8]) -> Result<Bytes, BodyError> {
+        let mut out = BytesMut::with_capacity(input.len());
+        let (ended, used) = match self.framing {
+            Framing::Empty => (true, 0),
             Framing::Eof => {
                 out.extend_from_slice(input);
-                Ok((false, input.len()))
+                (false, input.len())
             }
             Framing::Length(left) => {
                 let n = (left as usize).min(input.len());
                 out.extend_from_slice(&input[..n]);
-                let left = left - n as u64;
-                self.framing = Framing::Length(left);
-                Ok((left == 0, n))
+                self.framing = Framing::Length(left - n as u64);
+                (left == n as u64, n)
             }
             Framing::Chunked => {
-                let used = decode_chunked(&mut self.chunk, &mut self.size_acc, input, out)?;
-                Ok((self.chunk == ChunkState::Done, used))
+                let used = decode_chunked(&mut self.chunk, input, &mut out)?;
+                (self.chunk == ChunkState::Done, used)
             }
+        };
+        if ended {
+            // Bytes past the end of the message: the connection cannot be trusted.
+            self.reusable &= used == input.len();
+            self.finish();
         }
+        Ok(out.freeze())
     }
+}
+
+thread_local! {
+    /// Where body reads land before they are decoded into an exactly-sized frame: one per worker
+    /// thread, so that no stream holds a read buffer and no read zeroes one.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_SIZE].into_boxed_slice());
 }
 
 impl Body for H1Body {
@@ -716,69 +731,49 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
         // Bytes that came with the head first.
-        if !this.pending.is_empty() {
+        if !this.done && !this.pending.is_empty() {
             let pending = std::mem::take(&mut this.pending);
-            let mut out = BytesMut::with_capacity(pending.len());
-            let (ended, used) = this.decode(&pending, &mut out)?;
-            if ended {
-                this.pending = pending.slice(used..);
-                this.finish();
-            }
-            if !out.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-            }
-            if this.done {
-                return Poll::Ready(None);
+            let data = this.take(&pending)?;
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
             }
         }
-        loop {
-            let Some(io) = this.io.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let mut space = [0u8; READ_SIZE];
-            let n = match read_drained(io, cx, &mut space) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => {
+        while !this.done {
+            let read = SCRATCH.with_borrow_mut(|space| {
+                let Some(io) = this.io.as_ref() else {
+                    return Poll::Ready(Ok(None));
+                };
+                Poll::Ready(match std::task::ready!(read_drained(io, cx, space)) {
+                    Ok(0) => Ok(None),
+                    Ok(n) => this.take(&space[..n]).map(Some),
+                    Err(e) => Err(BodyError(format!(
+                        "reading the upstream's response body failed: {e}"
+                    ))),
+                })
+            });
+            match std::task::ready!(read) {
+                Ok(Some(data)) if data.is_empty() => continue,
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                // End of stream: the end of the message only for a close-delimited body.
+                Ok(None) => {
                     this.io = None;
                     this.done = true;
-                    return Poll::Ready(Some(Err(BodyError(format!(
-                        "reading the upstream's response body failed: {e}"
-                    )))));
+                    if this.framing != Framing::Eof {
+                        return Poll::Ready(Some(Err(BodyError(
+                            "the upstream closed the connection before the end of the response body"
+                                .into(),
+                        ))));
+                    }
                 }
-                Poll::Ready(Ok(n)) => n,
-            };
-            let read = &space[..n];
-            if read.is_empty() {
-                this.io = None;
-                if this.framing == Framing::Eof {
+                Err(e) => {
+                    this.io = None;
                     this.done = true;
-                    return Poll::Ready(None);
+                    return Poll::Ready(Some(Err(e)));
                 }
-                this.done = true;
-                return Poll::Ready(Some(Err(BodyError(
-                    "the upstream closed the connection before the end of the response body".into(),
-                ))));
-            }
-            let mut out = BytesMut::with_capacity(read.len());
-            let (ended, used) = this.decode(read, &mut out)?;
-            if ended {
-                if used < read.len() {
-                    // Bytes past the end of the message: the connection cannot be trusted.
-                    this.reusable = false;
-                }
-                this.finish();
-            }
-            if !out.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-            }
-            if this.done {
-                return Poll::Ready(None);
             }
         }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -788,7 +783,6 @@ impl Body for H1Body {
     fn size_hint(&self) -> SizeHint {
         match self.framing {
             _ if self.done => SizeHint::with_exact(0),
-            Framing::Empty => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
@@ -803,11 +797,10 @@ mod tests {
 
     fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, ChunkState, usize), BodyError> {
         let mut st = ChunkState::default();
-        let mut acc = 0;
         let mut out = BytesMut::new();
         let mut used = 0;
         for p in parts {
-            used = decode_chunked(&mut st, &mut acc, p, &mut out)?;
+            used = decode_chunked(&mut st, p, &mut out)?;
         }
         Ok((out.to_vec(), st, used))
     }
@@ -818,12 +811,11 @@ mod tests {
         for cut in 0..msg.len() {
             let (a, b) = msg.split_at(cut);
             let mut st = ChunkState::default();
-            let mut acc = 0;
             let mut out = BytesMut::new();
             let end = msg.len() - 4;
-            let used_a = decode_chunked(&mut st, &mut acc, a, &mut out).unwrap();
+            let used_a = decode_chunked(&mut st, a, &mut out).unwrap();
             assert_eq!(used_a, a.len().min(end), "cut {cut}");
-            let used_b = decode_chunked(&mut st, &mut acc, b, &mut out).unwrap();
+            let used_b = decode_chunked(&mut st, b, &mut out).unwrap();
             assert_eq!(&out[..], b"hello0123456789", "cut {cut}");
             assert_eq!(st, ChunkState::Done, "cut {cut}");
             // Decoding stops at the end of the message: "NEXT" is not consumed.
@@ -936,6 +928,12 @@ mod tests {
         ))
     }
 
+    /// GETs `path` and reads the whole body.
+    async fn fetch(ep: &Arc<H1Endpoint>, path: &str) -> Bytes {
+        let resp = ep.send(get(path)).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
     fn get(path: &str) -> Request<UpstreamRequestBody> {
         Request::builder()
             .uri(path)
@@ -978,15 +976,8 @@ mod tests {
         let (addr, _) =
             upstream(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok").await;
         let ep = endpoint(&addr);
-        let body = ep
-            .send(get("/"))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        assert_eq!(&body.to_bytes()[..], b"ok");
+        let body = fetch(&ep, "/").await;
+        assert_eq!(&body[..], b"ok");
         assert_eq!(ep.idle_len(), 0);
     }
 
@@ -1009,15 +1000,8 @@ mod tests {
             }
         });
         let ep = endpoint(&addr);
-        let body = ep
-            .send(get("/"))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        assert_eq!(&body.to_bytes()[..], b"ok");
+        let body = fetch(&ep, "/").await;
+        assert_eq!(&body[..], b"ok");
         // The FIN is on the loopback socket once the upstream's shutdown returned.
         closed.recv().await.unwrap();
         assert_eq!(ep.idle_len(), 1);
@@ -1025,15 +1009,8 @@ mod tests {
         ep.reap();
         assert_eq!(ep.idle_len(), 0);
         // And the next request gets a fresh connection.
-        let body = ep
-            .send(get("/"))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        assert_eq!(&body.to_bytes()[..], b"ok");
+        let body = fetch(&ep, "/").await;
+        assert_eq!(&body[..], b"ok");
         closed.recv().await.unwrap();
         assert_eq!(ep.idle_len(), 1);
         let resp = ep.send(get("/")).await.unwrap();
@@ -1086,15 +1063,8 @@ mod tests {
             }
         });
         let ep = endpoint(&addr);
-        let body = ep
-            .send(get("/a"))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-        assert_eq!(&body.to_bytes()[..], b"ok");
+        let body = fetch(&ep, "/a").await;
+        assert_eq!(&body[..], b"ok");
         assert_eq!(ep.idle_len(), 1);
         // A POST with a small body goes to the pooled connection, which closes: sent again, whole.
         let incoming = {
