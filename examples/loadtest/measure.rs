@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tokio::task::JoinHandle;
 
 use crate::client::{within, Conn, Error};
 use crate::procs::Target;
@@ -12,8 +13,35 @@ use crate::upstream::{Mode, Script, Upstream};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-fn id() -> u64 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+/// A script with a fresh id: `n` events `gap` apart after `ttfb`, each padded with `pad` bytes.
+fn script(mode: Mode, n: u64, gap: Duration, ttfb: Duration, pad: usize) -> Script {
+    Script {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        mode,
+        n,
+        gap_us: gap.as_micros() as u64,
+        ttfb_us: ttfb.as_micros() as u64,
+        pad,
+    }
+}
+
+/// Runs `stream` `streams` times at once, their starts spread evenly over one `gap`.
+fn staggered<T, F, Fut>(streams: u64, gap: Duration, stream: F) -> Vec<JoinHandle<Result<T, Error>>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    (0..streams)
+        .map(|i| {
+            let stagger = gap.mul_f64(i as f64 / streams as f64);
+            let run = stream();
+            tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
+                run.await
+            })
+        })
+        .collect()
 }
 
 const T: Duration = Duration::from_secs(10);
@@ -51,14 +79,7 @@ pub async fn ttfb(
 ) -> Result<(), Error> {
     let mut c = Conn::connect(addr, origin).await?;
     for i in 0..n + n / 10 {
-        let s = Script {
-            id: id(),
-            mode: Mode::Stream,
-            n: 1,
-            gap_us: 0,
-            ttfb_us: 0,
-            pad: 64,
-        };
+        let s = script(Mode::Stream, 1, Duration::ZERO, Duration::ZERO, 64);
         let (sent, first, _) = within(T, c.get(&s.path())).await?;
         if c.closes() {
             c = Conn::connect(addr, origin).await?;
@@ -87,47 +108,35 @@ pub async fn event_delay(
     gap: Duration,
     h: &mut Histogram<u64>,
 ) -> Result<u64, Error> {
-    let mut tasks = Vec::new();
-    for i in 0..streams {
-        let stagger = gap.mul_f64(i as f64 / streams as f64);
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(stagger).await;
-            let mut c = Conn::connect(addr, origin).await?;
-            let s = Script {
-                id: id(),
-                mode: Mode::Stream,
-                n: events,
-                gap_us: gap.as_micros() as u64,
-                ttfb_us: 0,
-                pad: 64,
-            };
-            c.send(&s.path()).await?;
-            within(T, c.head()).await?;
-            let mut samples = Vec::with_capacity(events as usize);
-            let mut coalesced = 0;
-            let mut ev = Vec::new();
-            loop {
-                ev.clear();
-                let b = within(T, c.read_batch(&mut ev)).await?;
-                // An event read together with the one before it, although it was emitted at least
-                // half a gap later: held back and merged on the way. (Events the upstream itself
-                // wrote late, back to back, are not spaced and do not count.)
-                let half_gap = gap.as_nanos() as u64 / 2;
-                coalesced += ev
-                    .windows(2)
-                    .filter(|w| w[1].saturating_sub(w[0]) >= half_gap)
-                    .count() as u64;
-                samples.extend(ev.iter().map(|&emit| b.at.saturating_sub(emit).max(1)));
-                if b.done {
-                    break;
-                }
+    let tasks = staggered(streams, gap, || async move {
+        let mut c = Conn::connect(addr, origin).await?;
+        let s = script(Mode::Stream, events, gap, Duration::ZERO, 64);
+        c.send(&s.path()).await?;
+        within(T, c.head()).await?;
+        let mut samples = Vec::with_capacity(events as usize);
+        let mut coalesced = 0;
+        let mut ev = Vec::new();
+        loop {
+            ev.clear();
+            let b = within(T, c.read_batch(&mut ev)).await?;
+            // An event read together with the one before it, although it was emitted at least
+            // half a gap later: held back and merged on the way. (Events the upstream itself
+            // wrote late, back to back, are not spaced and do not count.)
+            let half_gap = gap.as_nanos() as u64 / 2;
+            coalesced += ev
+                .windows(2)
+                .filter(|w| w[1].saturating_sub(w[0]) >= half_gap)
+                .count() as u64;
+            samples.extend(ev.iter().map(|&emit| b.at.saturating_sub(emit).max(1)));
+            if b.done {
+                break;
             }
-            if samples.len() as u64 != events {
-                return Err(format!("{} events of {events}", samples.len()));
-            }
-            Ok::<_, Error>((samples, coalesced))
-        }));
-    }
+        }
+        if samples.len() as u64 != events {
+            return Err(format!("{} events of {events}", samples.len()));
+        }
+        Ok::<_, Error>((samples, coalesced))
+    });
     let mut coalesced = 0;
     for t in tasks {
         let (samples, c) = t.await.map_err(|e| e.to_string())??;
@@ -161,31 +170,25 @@ pub async fn cpu(
     let before = target.cpu_ns();
     let (r0, w0) = target.syscalls();
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..streams {
-        let stagger = gap.mul_f64(i as f64 / streams as f64);
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(stagger).await;
-            let mut c = Conn::connect(addr, origin).await?;
-            let s = Script {
-                id: id(),
-                mode: if gap.is_zero() {
-                    Mode::Blast
-                } else {
-                    Mode::Stream
-                },
-                n: events,
-                gap_us: gap.as_micros() as u64,
-                ttfb_us: 0,
-                pad: 32,
-            };
-            let (_, _, got) = within(Duration::from_secs(120), c.get(&s.path())).await?;
-            if got != events {
-                return Err(format!("{got} events of {events}"));
-            }
-            Ok::<_, Error>(got)
-        }));
-    }
+    let tasks = staggered(streams, gap, || async move {
+        let mut c = Conn::connect(addr, origin).await?;
+        let s = script(
+            if gap.is_zero() {
+                Mode::Blast
+            } else {
+                Mode::Stream
+            },
+            events,
+            gap,
+            Duration::ZERO,
+            32,
+        );
+        let (_, _, got) = within(Duration::from_secs(120), c.get(&s.path())).await?;
+        if got != events {
+            return Err(format!("{got} events of {events}"));
+        }
+        Ok::<_, Error>(got)
+    });
     let mut total = 0;
     for t in tasks {
         total += t.await.map_err(|e| e.to_string())??;
@@ -230,17 +233,16 @@ pub async fn disconnect(
     let mut reused = 0;
     let mut missed = 0;
     for _ in 0..reps {
-        let s = Script {
-            id: id(),
-            mode: Mode::Stream,
-            n: 1_000,
-            gap_us: gap.as_micros() as u64,
-            ttfb_us: match phase {
-                Phase::BeforeFirstByte => 60_000_000,
-                Phase::MidBody => 0,
+        let s = script(
+            Mode::Stream,
+            1_000,
+            gap,
+            match phase {
+                Phase::BeforeFirstByte => Duration::from_secs(60),
+                Phase::MidBody => Duration::ZERO,
             },
-            pad: 64,
-        };
+            64,
+        );
         let w = up.watch(s.id);
         let mut c = Conn::connect(addr, origin).await?;
         c.send(&s.path()).await?;
@@ -261,14 +263,7 @@ pub async fn disconnect(
             }
         }
         // The next request must not land on the aborted upstream connection.
-        let next = Script {
-            id: id(),
-            mode: Mode::Stream,
-            n: 1,
-            gap_us: 0,
-            ttfb_us: 0,
-            pad: 8,
-        };
+        let next = script(Mode::Stream, 1, Duration::ZERO, Duration::ZERO, 8);
         let w = up.watch(next.id);
         let mut c = Conn::connect(addr, origin).await?;
         within(T, c.get(&next.path())).await?;
@@ -302,14 +297,7 @@ pub async fn memory(target: &Target, origin: Instant, steps: &[u64]) -> Result<M
     // Warm up: the first requests allocate what every later one reuses.
     let mut c = Conn::connect(addr, origin).await?;
     for _ in 0..50 {
-        let s = Script {
-            id: id(),
-            mode: Mode::Stream,
-            n: 2,
-            gap_us: 0,
-            ttfb_us: 0,
-            pad: 8,
-        };
+        let s = script(Mode::Stream, 2, Duration::ZERO, Duration::ZERO, 8);
         within(T, c.get(&s.path())).await?;
     }
     drop(c);
@@ -323,14 +311,7 @@ pub async fn memory(target: &Target, origin: Instant, steps: &[u64]) -> Result<M
             for _ in 0..batch {
                 tasks.push(tokio::spawn(async move {
                     let mut c = Conn::connect(addr, origin).await?;
-                    let s = Script {
-                        id: id(),
-                        mode: Mode::Hold,
-                        n: 1,
-                        gap_us: 0,
-                        ttfb_us: 0,
-                        pad: 64,
-                    };
+                    let s = script(Mode::Hold, 1, Duration::ZERO, Duration::ZERO, 64);
                     c.send(&s.path()).await?;
                     within(T, c.head()).await?;
                     let mut ev = Vec::new();
@@ -363,14 +344,7 @@ pub async fn memory(target: &Target, origin: Instant, steps: &[u64]) -> Result<M
     let mut worst: f64 = 0.0;
     for _ in 0..20 {
         let mut c = Conn::connect(addr, origin).await?;
-        let s = Script {
-            id: id(),
-            mode: Mode::Stream,
-            n: 1,
-            gap_us: 0,
-            ttfb_us: 0,
-            pad: 8,
-        };
+        let s = script(Mode::Stream, 1, Duration::ZERO, Duration::ZERO, 8);
         let start = c.now();
         let (_, first, _) = within(T, c.get(&s.path())).await?;
         worst = worst.max(first.saturating_sub(start) as f64 / 1000.0);
