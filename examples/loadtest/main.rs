@@ -246,9 +246,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         if k != Kind::Direct && o.runs("cpu") {
             let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
             eprintln!(
-                "  cpu back-to-back {:.2} µs/event, {:.2} reads, {:.2} writes ({} events in {:?})",
+                "  cpu back-to-back {:.2} µs/event, {:.2} writes ({} events in {:?})",
                 c.ns_per_event / 1000.0,
-                c.reads_per_event,
                 c.writes_per_event,
                 c.events,
                 c.wall
@@ -263,9 +262,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             )
             .await?;
             eprintln!(
-                "  cpu paced {:.2} µs/event, {:.2} reads, {:.2} writes ({} events in {:?})",
+                "  cpu paced {:.2} µs/event, {:.2} writes ({} events in {:?})",
                 c.ns_per_event / 1000.0,
-                c.reads_per_event,
                 c.writes_per_event,
                 c.events,
                 c.wall
@@ -414,14 +412,13 @@ fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> Strin
         "| measure | direct | streamgate | nginx | streamgate / nginx |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
-    let cell = |r: Option<&Row>, f: &dyn Fn(&Row) -> Option<f64>| -> Option<f64> { r.and_then(f) };
     let mut line = |name: &str,
                     f: &dyn Fn(&Row) -> Option<f64>,
                     fmt: &dyn Fn(f64) -> String,
                     with_ratio: bool| {
-        let d = cell(direct, f);
-        let a = cell(sg, f);
-        let b = cell(ng, f);
+        let d = direct.and_then(f);
+        let a = sg.and_then(f);
+        let b = ng.and_then(f);
         let show = |v: Option<f64>| v.map_or("–".to_string(), fmt);
         let r = match (a, b) {
             (Some(a), Some(b)) if with_ratio => ratio(a, b),

@@ -152,8 +152,7 @@ pub async fn event_delay(
 /// each, `gap` apart (zero: as fast as the upstream writes).
 pub struct Cpu {
     pub ns_per_event: f64,
-    /// Read and write system calls per event.
-    pub reads_per_event: f64,
+    /// Write system calls per event.
     pub writes_per_event: f64,
     pub events: u64,
     pub wall: Duration,
@@ -168,7 +167,7 @@ pub async fn cpu(
 ) -> Result<Cpu, Error> {
     let addr = target.addr;
     let before = target.cpu_ns();
-    let (r0, w0) = target.syscalls();
+    let w0 = target.writes();
     let start = Instant::now();
     let tasks = staggered(streams, gap, || async move {
         let mut c = Conn::connect(addr, origin).await?;
@@ -195,10 +194,9 @@ pub async fn cpu(
     }
     let wall = start.elapsed();
     let used = target.cpu_ns().saturating_sub(before);
-    let (r1, w1) = target.syscalls();
+    let w1 = target.writes();
     Ok(Cpu {
         ns_per_event: used as f64 / total as f64,
-        reads_per_event: r1.saturating_sub(r0) as f64 / total as f64,
         writes_per_event: w1.saturating_sub(w0) as f64 / total as f64,
         events: total,
         wall,

@@ -158,12 +158,10 @@ impl Target {
         self.pids().iter().map(|&p| cpu_ns(p)).sum()
     }
 
-    /// Read and write system calls the target's processes have made (`/proc/PID/io`).
-    pub fn syscalls(&self) -> (u64, u64) {
-        self.pids().iter().fold((0, 0), |(r, w), &p| {
-            let (pr, pw) = syscalls(p);
-            (r + pr, w + pw)
-        })
+    /// Write system calls the target's processes have made (`syscw` in `/proc/PID/io`; reads made
+    /// with `recv` are not counted there, so none are reported).
+    pub fn writes(&self) -> u64 {
+        self.pids().iter().map(|&p| writes(p)).sum()
     }
 
     /// Stops the target (SIGTERM, then SIGKILL after 5 s).
@@ -199,17 +197,15 @@ fn parent(pid: u32) -> Option<u32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
-fn syscalls(pid: u32) -> (u64, u64) {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/io")) else {
-        return (0, 0);
-    };
-    let field = |name: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("syscr:"), field("syscw:"))
+fn writes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("syscw:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn rss(pid: u32) -> u64 {
