@@ -15,6 +15,51 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::pool::ActiveGuard;
 use crate::{BoxError, EndReason, StreamInfo};
 
+/// The client's request body: read by hyper (HTTP/2, TLS, and HTTP/1.1 requests the lean server hands
+/// over), or read whole by the lean HTTP/1.1 server of [`super::downstream`] before the request went in.
+#[derive(Debug)]
+pub(crate) enum ClientBody {
+    /// A body hyper is reading from the client connection.
+    Hyper(Incoming),
+    /// A body already read whole (`None` once taken, or when there was none).
+    Full(Option<Bytes>),
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(b: Incoming) -> Self {
+        ClientBody::Hyper(b)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
 /// The request body sent upstream.
 ///
 /// The client's body sits in a shared slot until the first poll takes it. If an attempt fails before
@@ -22,8 +67,8 @@ use crate::{BoxError, EndReason, StreamInfo};
 /// to the next attempt. Once taken, it streams straight through with no locking.
 #[derive(Debug)]
 pub(crate) struct UpstreamRequestBody {
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
-    taken: Option<Incoming>,
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    taken: Option<ClientBody>,
     end_stream: bool,
     hint: SizeHint,
 }
@@ -40,7 +85,7 @@ impl UpstreamRequestBody {
     }
 
     /// Wrap the client's body.
-    pub(crate) fn new(body: Incoming) -> Self {
+    pub(crate) fn new(body: ClientBody) -> Self {
         let end_stream = body.is_end_stream();
         let hint = body.size_hint();
         if end_stream {
@@ -72,7 +117,7 @@ impl UpstreamRequestBody {
 /// See [`UpstreamRequestBody::replay_handle`].
 #[derive(Debug)]
 pub(crate) struct ReplayHandle {
-    slot: Option<Arc<Mutex<Option<Incoming>>>>,
+    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
     end_stream: bool,
     hint: SizeHint,
 }
@@ -100,12 +145,12 @@ impl ReplayHandle {
 
 impl Body for UpstreamRequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.taken.is_none() {
             let Some(slot) = this.slot.take() else {

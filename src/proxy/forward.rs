@@ -20,11 +20,10 @@ use std::task::{Context, Poll};
 
 use http::uri::{PathAndQuery, Uri};
 use http::{header, HeaderValue, Method, Request, Response, Version};
-use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{ProxyBody, UpstreamBody, UpstreamRequestBody};
+use super::body::{ClientBody, ProxyBody, UpstreamBody, UpstreamRequestBody};
 use super::config::{HostHeader, RouteConfig, UpstreamProtocol};
 use super::error::{ProxyError, ProxyErrorKind};
 use super::h1::SendError;
@@ -74,7 +73,7 @@ pub(crate) struct Forward {
 type BoxFuture =
     Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send>>;
 
-impl tower::Service<Request<Incoming>> for Forward {
+impl tower::Service<Request<ClientBody>> for Forward {
     type Response = Response<ProxyBody>;
     type Error = std::convert::Infallible;
     type Future = BoxFuture;
@@ -83,7 +82,7 @@ impl tower::Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
             Ok(match this.forward(req).await {
@@ -102,7 +101,7 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Forward {
-    async fn forward(self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(self, mut req: Request<ClientBody>) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::new(
                 ProxyErrorKind::MethodNotAllowed,

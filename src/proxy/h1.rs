@@ -1067,36 +1067,11 @@ mod tests {
         assert_eq!(&body[..], b"ok");
         assert_eq!(ep.idle_len(), 1);
         // A POST with a small body goes to the pooled connection, which closes: sent again, whole.
-        let incoming = {
-            // The client body type is hyper's `Incoming`; get one from a real exchange.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let a = l.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (s, _) = l.accept().await.unwrap();
-                let tx = Mutex::new(Some(tx));
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    if let Some(tx) = tx.lock().unwrap().take() {
-                        let _ = tx.send(req);
-                    }
-                    std::future::pending::<
-                        Result<Response<http_body_util::Empty<Bytes>>, std::convert::Infallible>,
-                    >()
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-            let mut c = TcpStream::connect(a).await.unwrap();
-            // Kept open until the end of the test: the body is read from it.
-            c.write_all(b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
-                .await
-                .unwrap();
-            (rx.await.unwrap(), c)
-        };
-        let (incoming, _client) = incoming;
-        let (parts, inc) = incoming.into_parts();
-        let req = Request::from_parts(parts, UpstreamRequestBody::new(inc));
+        let mut req = Request::new(UpstreamRequestBody::new(crate::proxy::body::ClientBody::Full(Some(
+            Bytes::from_static(b"hello"),
+        ))));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = http::Uri::from_static("/b");
         let resp = ep.send(req).await.unwrap();
         assert_eq!(resp.status(), 200);
         let seen = seen.lock().unwrap();

@@ -18,6 +18,7 @@
 //! ```
 
 mod body;
+mod downstream;
 pub mod config;
 mod error;
 mod forward;

@@ -16,7 +16,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
+use super::body::ClientBody;
+use super::downstream::{self, Served};
 use super::config::{Config, ListenerConfig, RouteConfig};
 use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
 use super::pool::Pool;
@@ -99,16 +102,16 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     })
 }
 
-impl tower::Service<Request<Incoming>> for Router {
-    type Response = <RouteStack as tower::Service<Request<Incoming>>>::Response;
-    type Error = <RouteStack as tower::Service<Request<Incoming>>>::Error;
-    type Future = <RouteStack as tower::Service<Request<Incoming>>>::Future;
+impl tower::Service<Request<ClientBody>> for Router {
+    type Response = <RouteStack as tower::Service<Request<ClientBody>>>::Response;
+    type Error = <RouteStack as tower::Service<Request<ClientBody>>>::Error;
+    type Future = <RouteStack as tower::Service<Request<ClientBody>>>::Future;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let idx = self.find(request_host(&req), req.uri().path());
         match idx {
             Some(i) => {
@@ -351,7 +354,14 @@ async fn accept_loop(
         let acceptor = l.tls.clone();
         tracker.spawn(async move {
             match acceptor {
-                None => serve(stream, info, app, &builder, graceful).await,
+                None => {
+                    // Plain HTTP/1.1 is served by the lean server; it hands hyper what it does not
+                    // take (HTTP/2, streamed request bodies) with the bytes it has read.
+                    let svc = stack::with_conn_info(app.clone(), info);
+                    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone()).await {
+                        serve(Rewind::new(io, read), info, app, &builder, graceful).await;
+                    }
+                }
                 Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
                     Ok(Ok(s)) => serve(s, info, app, &builder, graceful).await,
                     Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
@@ -371,7 +381,9 @@ async fn serve<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = TowerToHyperService::new(stack::with_conn_info(app, info));
+    let svc = TowerToHyperService::new(
+        stack::with_conn_info(app, info).map_request(|r: Request<Incoming>| r.map(ClientBody::Hyper)),
+    );
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
@@ -383,5 +395,69 @@ async fn serve<IO>(
     };
     if let Err(e) = res {
         tracing::debug!(client = %info.remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+struct Rewind {
+    read: bytes::Bytes,
+    io: tokio::net::TcpStream,
+}
+
+impl Rewind {
+    fn new(io: tokio::net::TcpStream, read: bytes::Bytes) -> Self {
+        Self { read, io }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let chunk = self.read.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

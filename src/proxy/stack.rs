@@ -13,11 +13,11 @@
 use std::task::{Context, Poll};
 
 use http::Request;
-use hyper::body::Incoming;
 
 use bytes::Bytes;
 use tower::ServiceBuilder;
 
+use super::body::ClientBody;
 use super::config::{RouteConfig, StreamSettings};
 use super::forward::{ConnInfo, Forward};
 use super::server::{Router, ServerOptions};
@@ -76,16 +76,16 @@ pub(crate) fn with_conn_info(inner: App, info: ConnInfo) -> WithConnInfo {
     WithConnInfo { inner, info }
 }
 
-impl tower::Service<Request<Incoming>> for WithConnInfo {
-    type Response = <App as tower::Service<Request<Incoming>>>::Response;
-    type Error = <App as tower::Service<Request<Incoming>>>::Error;
-    type Future = <App as tower::Service<Request<Incoming>>>::Future;
+impl tower::Service<Request<ClientBody>> for WithConnInfo {
+    type Response = <App as tower::Service<Request<ClientBody>>>::Response;
+    type Error = <App as tower::Service<Request<ClientBody>>>::Error;
+    type Future = <App as tower::Service<Request<ClientBody>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ClientBody>) -> Self::Future {
         req.extensions_mut().insert(self.info);
         req.extensions_mut().insert(ClientAddr(self.info.remote));
         self.inner.call(req)
