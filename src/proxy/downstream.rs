@@ -23,7 +23,7 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -150,24 +150,26 @@ where
 
         let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
         let mut call = Box::pin(svc.call(head.req));
-        let resp = poll_fn(|cx| {
+        // The response is turned into its encoded head and a boxed body right where it comes out: a
+        // `Response` held across an await would be copied into this future's state, which every
+        // connection's task carries whatever it is doing.
+        let ready = poll_fn(|cx| {
             if let Poll::Ready(r) = call.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
+                let Ok(resp) = r;
+                if graceful.is_cancelled() {
+                    keep_alive = false;
+                }
+                return Poll::Ready(Some(prepare(resp, &method, version, &mut keep_alive)));
             }
             conn.poll_gone(cx).map(|()| None)
         })
         .await;
         drop(call);
-        let resp = match resp {
-            Some(Ok(r)) => r,
-            Some(Err(never)) => match never {},
-            // The client left before the response head: the call is dropped, which cancels it.
-            None => return Served::Closed,
+        // `None`: the client left before the response head; the call is dropped, which cancels it.
+        let Some(out) = ready else {
+            return Served::Closed;
         };
-        if graceful.is_cancelled() {
-            keep_alive = false;
-        }
-        match conn.respond(&method, version, &mut keep_alive, resp).await {
+        match conn.respond(out).await {
             Ok(()) if keep_alive => {}
             Ok(()) => {
                 let _ = conn.io.shutdown().await;
@@ -179,6 +181,48 @@ where
             let _ = conn.io.shutdown().await;
             return Served::Closed;
         }
+    }
+}
+
+/// A response ready to go out: its encoded head, its framing and its body (`None` when it has none).
+struct Outgoing<B> {
+    head: Vec<u8>,
+    framing: Framing,
+    body: Option<Pin<Box<B>>>,
+}
+
+/// Choose the framing, encode the head, box the body.
+fn prepare<B: Body>(
+    resp: Response<B>,
+    method: &Method,
+    version: Version,
+    keep_alive: &mut bool,
+) -> Outgoing<B> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status;
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else if let Some(n) = content_length(&parts.headers) {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        *keep_alive = false;
+        Framing::Close
+    };
+    let mut head = Vec::with_capacity(512);
+    write_head(&mut head, status, &parts.headers, framing, version, *keep_alive);
+    let body = (framing != Framing::None).then(|| Box::pin(body));
+    Outgoing {
+        head,
+        framing,
+        body,
     }
 }
 
@@ -296,46 +340,30 @@ impl Conn {
 
     /// Stream the response. `Err` means the connection must close without anything more (the client
     /// left, a write failed, or the body failed and must not look complete).
-    async fn respond<B>(
-        &mut self,
-        method: &Method,
-        version: Version,
-        keep_alive: &mut bool,
-        resp: Response<B>,
-    ) -> Result<(), ()>
+    async fn respond<B>(&mut self, out: Outgoing<B>) -> Result<(), ()>
     where
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let (parts, body) = resp.into_parts();
-        let mut body = pin!(body);
-        let status = parts.status;
-        let headers = &parts.headers;
-        let mut framing = if *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            Framing::None
-        } else if let Some(n) = content_length(headers) {
-            Framing::Length(n)
-        } else if let Some(n) = body.size_hint().exact() {
-            Framing::Length(n)
-        } else if version == Version::HTTP_11 {
-            Framing::Chunked
-        } else {
-            *keep_alive = false;
-            Framing::Close
-        };
-        let mut head = Vec::with_capacity(512);
-        write_head(&mut head, status, headers, framing, version, *keep_alive);
-        drop(parts);
-        if framing == Framing::None || (body.is_end_stream() && framing != Framing::Chunked) {
+        let Outgoing {
+            head,
+            mut framing,
+            body,
+        } = out;
+        let Some(mut body) = body else {
             return self.write_all(&mut [IoSlice::new(&head)]).await.map_err(drop);
-        }
+        };
         if body.is_end_stream() {
+            if matches!(framing, Framing::Length(n) if n > 0) {
+                return Err(()); // A body that ends before its content-length must not look whole.
+            }
+            let end: &[u8] = if framing == Framing::Chunked {
+                b"0\r\n\r\n"
+            } else {
+                b""
+            };
             let r = self
-                .write_all(&mut [IoSlice::new(&head), IoSlice::new(b"0\r\n\r\n")])
+                .write_all(&mut [IoSlice::new(&head), IoSlice::new(end)])
                 .await;
             return r.map_err(drop);
         }

@@ -351,24 +351,32 @@ async fn accept_loop(
         let app = app.clone();
         let builder = builder.clone();
         let graceful = graceful.clone();
-        let acceptor = l.tls.clone();
-        tracker.spawn(async move {
-            match acceptor {
-                None => {
-                    // Plain HTTP/1.1 is served by the lean server; it hands hyper what it does not
-                    // take (HTTP/2, streamed request bodies) with the bytes it has read.
-                    let svc = stack::with_conn_info(app.clone(), info);
-                    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone()).await {
-                        serve(Rewind::new(io, read), info, app, &builder, graceful).await;
-                    }
-                }
-                Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
+        match l.tls.clone() {
+            None => tracker.spawn(serve_plain(stream, info, app, builder, graceful)),
+            Some(acc) => tracker.spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
                     Ok(Ok(s)) => serve(s, info, app, &builder, graceful).await,
                     Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
                     Err(_) => tracing::debug!(client = %remote, source = "client", "TLS handshake timed out"),
-                },
-            }
-        });
+                }
+            }),
+        };
+    }
+}
+
+/// A plain-TCP connection: the lean HTTP/1.1 server, which hands hyper what it does not take (HTTP/2,
+/// streamed request bodies) with the bytes it has read. hyper's connection future is boxed: inline, it
+/// would size every connection's task for it, lean or not.
+async fn serve_plain(
+    stream: tokio::net::TcpStream,
+    info: ConnInfo,
+    app: App,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: CancellationToken,
+) {
+    let svc = stack::with_conn_info(app.clone(), info);
+    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone()).await {
+        Box::pin(serve(Rewind::new(io, read), info, app, &builder, graceful)).await;
     }
 }
 
