@@ -217,7 +217,14 @@ fn prepare<B: Body>(
         Framing::Close
     };
     let mut head = Vec::with_capacity(512);
-    write_head(&mut head, status, &parts.headers, framing, version, *keep_alive);
+    write_head(
+        &mut head,
+        status,
+        &parts.headers,
+        framing,
+        version,
+        *keep_alive,
+    );
     let body = (framing != Framing::None).then(|| Box::pin(body));
     Outgoing {
         head,
@@ -351,7 +358,10 @@ impl Conn {
             body,
         } = out;
         let Some(mut body) = body else {
-            return self.write_all(&mut [IoSlice::new(&head)]).await.map_err(drop);
+            return self
+                .write_all(&mut [IoSlice::new(&head)])
+                .await
+                .map_err(drop);
         };
         if body.is_end_stream() {
             if matches!(framing, Framing::Length(n) if n > 0) {

@@ -101,7 +101,10 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Forward {
-    async fn forward(self, mut req: Request<ClientBody>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        self,
+        mut req: Request<ClientBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::new(
                 ProxyErrorKind::MethodNotAllowed,

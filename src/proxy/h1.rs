@@ -1067,9 +1067,9 @@ mod tests {
         assert_eq!(&body[..], b"ok");
         assert_eq!(ep.idle_len(), 1);
         // A POST with a small body goes to the pooled connection, which closes: sent again, whole.
-        let mut req = Request::new(UpstreamRequestBody::new(crate::proxy::body::ClientBody::Full(Some(
-            Bytes::from_static(b"hello"),
-        ))));
+        let mut req = Request::new(UpstreamRequestBody::new(
+            crate::proxy::body::ClientBody::Full(Some(Bytes::from_static(b"hello"))),
+        ));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = http::Uri::from_static("/b");
         let resp = ep.send(req).await.unwrap();

@@ -18,8 +18,8 @@
 //! ```
 
 mod body;
-mod downstream;
 pub mod config;
+mod downstream;
 mod error;
 mod forward;
 mod h1;

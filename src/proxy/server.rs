@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::body::ClientBody;
-use super::downstream::{self, Served};
 use super::config::{Config, ListenerConfig, RouteConfig};
+use super::downstream::{self, Served};
 use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
 use super::pool::Pool;
 use super::stack::{self, App, RouteStack};
@@ -390,7 +390,8 @@ async fn serve<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = TowerToHyperService::new(
-        stack::with_conn_info(app, info).map_request(|r: Request<Incoming>| r.map(ClientBody::Hyper)),
+        stack::with_conn_info(app, info)
+            .map_request(|r: Request<Incoming>| r.map(ClientBody::Hyper)),
     );
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);

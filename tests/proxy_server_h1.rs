@@ -1,0 +1,256 @@
+//! The proxy's own HTTP/1.1 server side, over raw sockets: keep-alive and pipelining, HTTP/1.0,
+//! HEAD, what it hands to hyper (streamed, large and `Expect` bodies), malformed requests, and a
+//! stream cut by the upstream.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+
+/// An upstream that answers with `METHOD PATH BODY-LENGTH BODY-CHECKSUM`.
+async fn echo() -> Upstream {
+    Upstream::start(|req| async move {
+        let line = format!("{} {}", req.method(), req.uri().path());
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+        full(200, "text/plain", format!("{line} {} {sum}", body.len()))
+    })
+    .await
+}
+
+/// Split `raw` into consecutive responses framed by `content-length`: (head, body) pairs.
+fn responses(mut raw: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let (head, rest) = split_head(raw);
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap_or_else(|| panic!("no content-length in {head}"))
+            .trim()
+            .parse()
+            .unwrap();
+        out.push((head, String::from_utf8_lossy(&rest[..len]).into_owned()));
+        raw = &raw[raw.len() - rest.len() + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let up = echo().await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    // Three requests in one write; the second has a body; the last closes.
+    c.send(
+        "GET /a HTTP/1.1\r\nhost: x\r\n\r\n\
+         POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc\
+         GET /c HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (raw, clean) = c.read_to_end().await;
+    assert!(clean);
+    let rs = responses(&raw);
+    let bodies: Vec<&str> = rs.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(bodies, ["GET /a 0 0", "POST /b 3 294", "GET /c 0 0"]);
+    assert!(rs[0].0.starts_with("HTTP/1.1 200 OK\r\n"), "{}", rs[0].0);
+    assert!(rs[0].0.contains("\r\ndate: "), "{}", rs[0].0);
+    assert!(!rs[0].0.contains("connection: close"), "{}", rs[0].0);
+    assert!(rs[2].0.contains("connection: close"), "{}", rs[2].0);
+}
+
+#[tokio::test]
+async fn a_body_arriving_after_its_head_is_waited_for() {
+    let up = echo().await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("POST /late HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n01234")
+        .await;
+    c.send("56789").await;
+    c.send("GET /next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = c.read_to_end().await;
+    let rs = responses(&raw);
+    assert_eq!(rs[0].1, "POST /late 10 525");
+    assert_eq!(rs[1].1, "GET /next 0 0");
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_a_close_delimited_stream() {
+    let up = Upstream::start(|_| async move {
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            for e in ["data: 1\n\n", "data: 2\n\n"] {
+                let _ = tx.send(Ok(Bytes::from_static(e.as_bytes()))).await;
+            }
+        });
+        resp
+    })
+    .await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /s HTTP/1.0\r\n\r\n").await;
+    let (raw, clean) = c.read_to_end().await;
+    assert!(clean);
+    let (head, body) = split_head(&raw);
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(body, b"data: 1\n\ndata: 2\n\n");
+}
+
+#[tokio::test]
+async fn head_requests_get_the_length_and_no_body() {
+    let up = Upstream::start(|_| async move { full(200, "text/plain", "hello") }).await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    c.send("GET /h HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = c.read_to_end().await;
+    let (first, rest) = split_head(&raw);
+    assert!(first.contains("content-length: 5"), "{first}");
+    // The next response starts right after the HEAD response's head: no body bytes in between.
+    assert!(rest.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let (_, body) = split_head(&rest);
+    assert_eq!(body, b"hello");
+}
+
+#[tokio::test]
+async fn bodies_the_lean_server_does_not_read_go_through_hyper_intact() {
+    let up = echo().await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+
+    // Chunked, then a second request on the same connection (now hyper's).
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(
+        "POST /chunked HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+         3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+         GET /after HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (raw, _) = c.read_to_end().await;
+    let mut bodies = Vec::new();
+    let mut rest = &raw[..];
+    while !rest.is_empty() {
+        let (head, body) = split_head(rest);
+        let (payload, len) = if head.contains("transfer-encoding: chunked") {
+            let (p, _) = dechunk(&body);
+            let end = body.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+            (p, end)
+        } else {
+            let n: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            (body[..n].to_vec(), n)
+        };
+        bodies.push(String::from_utf8(payload).unwrap());
+        rest = &rest[rest.len() - body.len() + len..];
+    }
+    assert_eq!(bodies, ["POST /chunked 5 495", "GET /after 0 0"]);
+
+    // Larger than the lean server reads whole (64 KiB).
+    let big = vec![b'z'; 100_000];
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(&format!(
+        "POST /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    ))
+    .await;
+    c.send(std::str::from_utf8(&big).unwrap()).await;
+    let (raw, _) = c.read_to_end().await;
+    let (_, body) = split_head(&raw);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(body.contains("POST /big 100000 12200000"), "{body}");
+
+    // Expect: 100-continue gets its interim response, then the answer.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("POST /ask HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+        .await;
+    c.read_until(b"100 Continue\r\n\r\n").await;
+    c.send("ok").await;
+    let (raw, _) = c.read_to_end().await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(text.contains("POST /ask 2 218"), "{text}");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_reason_and_never_reach_the_upstream() {
+    let up = echo().await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    for bad in [
+        "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1, 2\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n",
+        "GET /\x7f HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET / HTTP/1.1\r\nbad header: x\r\n\r\n",
+        "NOT HTTP AT ALL\r\n\r\n",
+    ] {
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(bad).await;
+        let (raw, _) = c.read_to_end().await;
+        let (head, body) = split_head(&raw);
+        assert!(
+            head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{bad:?}: {head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "bad_request");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(up.total_connections(), 0);
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_cuts_does_not_end_cleanly() {
+    // The upstream fails once the client has its first event (hyper would drop a frame it had not
+    // flushed yet when the error came right behind it).
+    let (cut_tx, cut_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let cut_rx = std::sync::Arc::new(tokio::sync::Mutex::new(cut_rx));
+    let up = Upstream::start(move |_| {
+        let cut_rx = cut_rx.clone();
+        async move {
+            let (tx, resp) = streamed("text/event-stream");
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Bytes::from_static(b"data: 1\n\n"))).await;
+                cut_rx.lock().await.recv().await;
+                let _ = tx.send(Err(std::io::Error::other("model crashed"))).await;
+            });
+            resp
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /s HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    c.read_until(b"data: 1\n\n").await;
+    cut_tx.send(()).await.unwrap();
+    let (raw, _) = within("the cut", c.read_to_end()).await;
+    let (head, body) = split_head(&raw);
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let (payload, terminated) = dechunk(&body);
+    assert_eq!(payload, b"data: 1\n\n");
+    assert!(
+        !terminated,
+        "a cut stream must not end with the terminating chunk"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_shutdown() {
+    let up = echo().await;
+    let mut toml = config(&[up.addr], "");
+    toml.push_str("[server]\ndrain_timeout = \"5s\"\n");
+    let mut proxy = Proxy::start(&toml).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /one HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    c.read_until(b"GET /one 0 0").await;
+    let task = proxy.shutdown();
+    // The idle connection is closed by the proxy, not left to the drain timeout.
+    let (_, clean) = within("close", c.read_to_end()).await;
+    assert!(clean);
+    within("shutdown", task).await.unwrap();
+}
