@@ -49,7 +49,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::level_filters::LevelFilter;
 use tracing::Subscriber;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -221,6 +221,12 @@ impl Telemetry {
             None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
         };
         telemetry.log = log;
+        // The request and stream spans are for OpenTelemetry: the log layer would format every field
+        // of both spans on every request only to prefix warnings with them, and the access log line
+        // carries what matters on its own.
+        let fmt_filter = fmt_filter.and(filter_fn(|m| {
+            !(m.is_span() && matches!(m.target(), "streamgate::request" | "streamgate::stream"))
+        }));
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(writer)
             .with_ansi(ansi)
