@@ -160,11 +160,12 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         pin: pinned.then(|| "taskset -c 0".to_string()),
     };
 
-    let (ttfb_n, streams, events, blast, paced_streams, paced_events, reps, rounds) = if o.quick {
-        (200, 10, 40, 20_000, 20, 30, 3, 1)
-    } else {
-        (3_000, 40, 150, 200_000, 100, 100, 10, 3)
-    };
+    let (ttfb_n, streams, events, blast, paced_streams, paced_events, reps, rounds, cpu_rounds) =
+        if o.quick {
+            (200, 10, 40, 20_000, 20, 30, 3, 1, 1)
+        } else {
+            (3_000, 40, 150, 100_000, 100, 100, 10, 3, 5)
+        };
     let mut steps: Vec<u64> = if o.quick {
         vec![250, 500, 1_000]
     } else {
@@ -235,41 +236,65 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             });
         }
     }
-    let wire = o.runs("cpu") || o.runs("disconnect");
+    if o.runs("cpu") {
+        // As for latency: both proxies run at once and the rounds alternate, and each figure is the
+        // median over the rounds, so that a burst of other work on the machine moves one round, not
+        // the result.
+        let cpu_kinds: Vec<Kind> = kinds
+            .iter()
+            .copied()
+            .filter(|&k| k != Kind::Direct)
+            .collect();
+        eprintln!("== cpu: {cpu_rounds} rounds over {}", names(&cpu_kinds));
+        let targets = cpu_kinds
+            .iter()
+            .map(|&k| Target::start(k, up.addr, &env))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut blasts: Vec<Vec<Cpu>> = targets.iter().map(|_| Vec::new()).collect();
+        let mut paceds: Vec<Vec<Cpu>> = targets.iter().map(|_| Vec::new()).collect();
+        for _ in 0..cpu_rounds {
+            for (i, t) in targets.iter().enumerate() {
+                blasts[i].push(measure::cpu(t, origin, 1, blast, Duration::ZERO).await?);
+                paceds[i].push(
+                    measure::cpu(
+                        t,
+                        origin,
+                        paced_streams,
+                        paced_events,
+                        Duration::from_millis(10),
+                    )
+                    .await?,
+                );
+            }
+        }
+        for ((k, mut b), mut p) in cpu_kinds.iter().zip(blasts).zip(paceds) {
+            let (b_lo, b_hi) = spread(&b);
+            let (p_lo, p_hi) = spread(&p);
+            let b = median(&mut b);
+            let p = median(&mut p);
+            eprintln!(
+                "  {}: cpu back-to-back median {:.2} µs/event (rounds {b_lo:.2}–{b_hi:.2}), {:.2} writes, {:.2} wake-ups; paced median {:.2} µs/event (rounds {p_lo:.2}–{p_hi:.2}), {:.2} writes, {:.2} wake-ups",
+                k.name(),
+                b.ns_per_event / 1000.0,
+                b.writes_per_event,
+                b.runs_per_event,
+                p.ns_per_event / 1000.0,
+                p.writes_per_event,
+                p.runs_per_event,
+            );
+            if let Some((_, r)) = rows.iter_mut().find(|(rk, _)| rk == k) {
+                r.cpu_blast = Some(b);
+                r.cpu_paced = Some(p);
+            }
+        }
+    }
     for (k, r) in rows.iter_mut() {
         let k = *k;
-        if !wire {
+        if !o.runs("disconnect") {
             continue;
         }
         eprintln!("== {}", k.name());
         let mut t = Target::start(k, up.addr, &env)?;
-        if k != Kind::Direct && o.runs("cpu") {
-            let c = measure::cpu(&t, origin, 1, blast, Duration::ZERO).await?;
-            eprintln!(
-                "  cpu back-to-back {:.2} µs/event, {:.2} writes ({} events in {:?})",
-                c.ns_per_event / 1000.0,
-                c.writes_per_event,
-                c.events,
-                c.wall
-            );
-            r.cpu_blast = Some(c);
-            let c = measure::cpu(
-                &t,
-                origin,
-                paced_streams,
-                paced_events,
-                Duration::from_millis(10),
-            )
-            .await?;
-            eprintln!(
-                "  cpu paced {:.2} µs/event, {:.2} writes ({} events in {:?})",
-                c.ns_per_event / 1000.0,
-                c.writes_per_event,
-                c.events,
-                c.wall
-            );
-            r.cpu_paced = Some(c);
-        }
         let cases = [
             ("before first byte, FIN", Phase::BeforeFirstByte, false, 15),
             ("before first byte, RST", Phase::BeforeFirstByte, true, 15),
@@ -325,6 +350,21 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The median round (by CPU per event).
+fn median(v: &mut [Cpu]) -> Cpu {
+    v.sort_by(|a, b| a.ns_per_event.total_cmp(&b.ns_per_event));
+    v[v.len() / 2].clone()
+}
+
+/// The lowest and highest CPU per event over the rounds, in µs.
+fn spread(v: &[Cpu]) -> (f64, f64) {
+    let it = v.iter().map(|c| c.ns_per_event / 1000.0);
+    (
+        it.clone().fold(f64::INFINITY, f64::min),
+        it.fold(0.0, f64::max),
+    )
 }
 
 fn names(kinds: &[Kind]) -> String {

@@ -150,12 +150,13 @@ pub async fn event_delay(
 
 /// Measurement 4, CPU time of the target per forwarded event: `streams` streams of `events` events
 /// each, `gap` apart (zero: as fast as the upstream writes).
+#[derive(Clone)]
 pub struct Cpu {
     pub ns_per_event: f64,
     /// Write system calls per event.
     pub writes_per_event: f64,
-    pub events: u64,
-    pub wall: Duration,
+    /// Times the target was scheduled onto a CPU, per event.
+    pub runs_per_event: f64,
 }
 
 pub async fn cpu(
@@ -168,7 +169,7 @@ pub async fn cpu(
     let addr = target.addr;
     let before = target.cpu_ns();
     let w0 = target.writes();
-    let start = Instant::now();
+    let r0 = target.runs();
     let tasks = staggered(streams, gap, || async move {
         let mut c = Conn::connect(addr, origin).await?;
         let s = script(
@@ -192,14 +193,13 @@ pub async fn cpu(
     for t in tasks {
         total += t.await.map_err(|e| e.to_string())??;
     }
-    let wall = start.elapsed();
     let used = target.cpu_ns().saturating_sub(before);
     let w1 = target.writes();
+    let r1 = target.runs();
     Ok(Cpu {
         ns_per_event: used as f64 / total as f64,
         writes_per_event: w1.saturating_sub(w0) as f64 / total as f64,
-        events: total,
-        wall,
+        runs_per_event: r1.saturating_sub(r0) as f64 / total as f64,
     })
 }
 

@@ -158,6 +158,12 @@ impl Target {
         self.pids().iter().map(|&p| cpu_ns(p)).sum()
     }
 
+    /// Times the target's threads were scheduled onto a CPU (third field of `schedstat`): each is a
+    /// wake-up from sleep or a return after preemption.
+    pub fn runs(&self) -> u64 {
+        self.pids().iter().map(|&p| runs(p)).sum()
+    }
+
     /// Write system calls the target's processes have made (`syscw` in `/proc/PID/io`; reads made
     /// with `recv` are not counted there, so none are reported).
     pub fn writes(&self) -> u64 {
@@ -216,6 +222,16 @@ fn rss(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+fn runs(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Sum of every thread's time on a CPU (schedstat, ns resolution); falls back to utime+stime ticks.
