@@ -164,7 +164,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         if o.quick {
             (200, 10, 40, 20_000, 20, 30, 3, 1, 1)
         } else {
-            (3_000, 40, 150, 100_000, 100, 100, 10, 3, 5)
+            (3_000, 40, 45, 100_000, 100, 100, 10, 10, 5)
         };
     let mut steps: Vec<u64> = if o.quick {
         vec![250, 500, 1_000]
