@@ -254,3 +254,81 @@ async fn idle_keep_alive_connections_close_at_shutdown() {
     assert!(clean);
     within("shutdown", task).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_client_gone_is_seen_after_it_pipelined_a_large_request() {
+    // While `/a` is answered the proxy reads 10 KiB of the pipelined `/b` and stops reading past
+    // 8 KiB; once `/b` is in, the connection must be watched again, or the client leaving while the
+    // upstream thinks about `/b` goes unseen.
+    let (got_b, mut b_arrived) = tokio::sync::mpsc::channel::<()>(1);
+    let up = Upstream::start(move |req| {
+        let got_b = got_b.clone();
+        async move {
+            if req.uri().path() == "/a" {
+                return full(200, "text/plain", "a");
+            }
+            let _ = req.into_body().collect().await;
+            let _ = got_b.send(()).await;
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut closed = up.on_close();
+    let mut c = RawClient::connect(proxy.addr).await;
+    let body = "b".repeat(10 * 1024);
+    c.send(&format!(
+        "GET /a HTTP/1.1\r\nhost: x\r\n\r\nPOST /b HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    c.read_until(b"\r\n\r\na").await;
+    within("the upstream to get /b", b_arrived.recv()).await;
+    c.close_rst();
+    within("the upstream connection to close", closed.recv())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn trailers_reach_only_clients_that_accept_them() {
+    let up = Upstream::start(|_| async move {
+        let mut t = http::HeaderMap::new();
+        t.insert("x-usage", "42".parse().unwrap());
+        t.insert("content-length", "999".parse().unwrap());
+        let frames = vec![
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"data: 1\n\n"))),
+            Ok(hyper::body::Frame::trailers(t)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(body))
+            .unwrap()
+    })
+    .await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n[[routes]]\npool = \"up\"\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    for (te, want) in [("te: trailers\r\n", true), ("", false)] {
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(&format!(
+            "GET /t HTTP/1.1\r\nhost: x\r\n{te}connection: close\r\n\r\n"
+        ))
+        .await;
+        let (raw, clean) = c.read_to_end().await;
+        assert!(clean);
+        let (_, body) = split_head(&raw);
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(body.starts_with("9\r\ndata: 1\n\n\r\n0\r\n"), "{body:?}");
+        assert!(body.ends_with("\r\n\r\n"), "{body:?}");
+        assert_eq!(body.contains("x-usage: 42\r\n"), want, "{body:?}");
+        assert!(
+            !body.contains("999"),
+            "framing fields never go out as trailers: {body:?}"
+        );
+    }
+}

@@ -45,8 +45,13 @@ pub(crate) const MAX_HEAD: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are read whole here; larger ones go to hyper, which streams them.
 const MAX_BODY: u64 = 64 * 1024;
-/// A connection waiting for a request head (a new one, or the rest of one) is closed after this.
+/// A connection waiting for a request (a new one, or the rest of one, body included) is closed after
+/// this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a 400 or 431, what the client still sends is read and dropped for this long, or this much,
+/// before the connection closes (nginx's lingering close).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// How [`serve`] ended.
 #[derive(Debug)]
@@ -65,6 +70,8 @@ struct Head {
     head_len: usize,
     body_len: usize,
     keep_alive: bool,
+    /// The client sent `TE: trailers`.
+    te_trailers: bool,
 }
 
 /// What reading a request came to.
@@ -125,11 +132,9 @@ where
     };
     let mut first = true;
     loop {
-        let read = tokio::select! {
-            biased;
-            _ = graceful.cancelled(), if conn.pending.is_empty() => return Served::Closed,
-            r = tokio::time::timeout(HEAD_TIMEOUT, conn.read_request(first)) => r.unwrap_or(Read::Close),
-        };
+        let read = tokio::time::timeout(HEAD_TIMEOUT, conn.read_request(first, &graceful))
+            .await
+            .unwrap_or(Read::Close);
         first = false;
         let head = match read {
             Read::Request(h) => h,
@@ -147,6 +152,7 @@ where
         let method = head.req.method().clone();
         let version = head.req.version();
         let mut keep_alive = head.keep_alive;
+        let te_trailers = head.te_trailers;
 
         let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
         let mut call = Box::pin(svc.call(head.req));
@@ -159,7 +165,8 @@ where
                 if graceful.is_cancelled() {
                     keep_alive = false;
                 }
-                return Poll::Ready(Some(prepare(resp, &method, version, &mut keep_alive)));
+                let out = prepare(resp, &method, version, te_trailers, &mut keep_alive);
+                return Poll::Ready(Some(out));
             }
             conn.poll_gone(cx).map(|()| None)
         })
@@ -170,16 +177,13 @@ where
             return Served::Closed;
         };
         match conn.respond(out).await {
-            Ok(()) if keep_alive => {}
+            // Shutting down: close after this response, whatever the client has sent since.
+            Ok(()) if keep_alive && !graceful.is_cancelled() => {}
             Ok(()) => {
                 let _ = conn.io.shutdown().await;
                 return Served::Closed;
             }
             Err(()) => return Served::Closed,
-        }
-        if graceful.is_cancelled() && conn.pending.is_empty() {
-            let _ = conn.io.shutdown().await;
-            return Served::Closed;
         }
     }
 }
@@ -189,6 +193,8 @@ struct Outgoing<B> {
     head: Vec<u8>,
     framing: Framing,
     body: Option<Pin<Box<B>>>,
+    /// The client accepts trailers (`TE: trailers`).
+    trailers: bool,
 }
 
 /// Choose the framing, encode the head, box the body.
@@ -196,10 +202,14 @@ fn prepare<B: Body>(
     resp: Response<B>,
     method: &Method,
     version: Version,
+    trailers: bool,
     keep_alive: &mut bool,
 ) -> Outgoing<B> {
     let (parts, body) = resp.into_parts();
     let status = parts.status;
+    if connection_has(&parts.headers, "close") {
+        *keep_alive = false;
+    }
     let framing = if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -230,22 +240,22 @@ fn prepare<B: Body>(
         head,
         framing,
         body,
+        trailers,
     }
 }
 
 impl Conn {
-    /// Read until a whole request (head and body) is in `pending`.
-    async fn read_request(&mut self, first: bool) -> Read {
+    /// Read until a whole request (head and body) is in `pending`. While nothing of a request has
+    /// come, `graceful` closes the connection.
+    async fn read_request(&mut self, first: bool, graceful: &CancellationToken) -> Read {
+        let mut head: Option<Head> = None;
         loop {
             if first && self.pending.len() >= 4 && self.pending.starts_with(b"PRI ") {
                 return Read::Handover; // The HTTP/2 preface: hyper serves h2c.
             }
-            if !self.pending.is_empty() {
+            if head.is_none() && !self.pending.is_empty() {
                 match parse(&self.pending) {
-                    Ok(Some(Parsed::Head(h))) if self.pending.len() >= h.head_len + h.body_len => {
-                        return Read::Request(h)
-                    }
-                    Ok(Some(Parsed::Head(_))) => {} // The body is still coming.
+                    Ok(Some(Parsed::Head(h))) => head = Some(h),
                     Ok(Some(Parsed::Handover)) => return Read::Handover,
                     Ok(None) if self.pending.len() >= MAX_HEAD => {
                         return Read::Reject(
@@ -255,6 +265,24 @@ impl Conn {
                     }
                     Ok(None) => {}
                     Err((status, why)) => return Read::Reject(status, why),
+                }
+            }
+            // The head is parsed once; then only the body's bytes are waited for.
+            if let Some(h) = &mut head {
+                let end = h.head_len + h.body_len;
+                if self.pending.len() >= end {
+                    if h.body_len > 0 {
+                        let body = Bytes::copy_from_slice(&self.pending[h.head_len..end]);
+                        *h.req.body_mut() = ClientBody::Full(Some(body));
+                    }
+                    return Read::Request(head.take().expect("checked above"));
+                }
+            }
+            if self.pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = graceful.cancelled() => return Read::Close,
+                    r = self.io.readable() => if r.is_err() { return Read::Close },
                 }
             }
             if self.pending.capacity() - self.pending.len() < 1024 {
@@ -267,13 +295,14 @@ impl Conn {
         }
     }
 
-    /// Drop `n` used bytes; free the buffer when nothing is left in it.
+    /// Drop `n` used bytes. What is left (a pipelined request) moves to an exactly-sized buffer, so
+    /// that a large request body does not leave its capacity behind for the whole stream.
     fn consume(&mut self, n: usize) {
-        if n >= self.pending.len() {
-            self.pending = Vec::new();
-        } else {
-            self.pending.drain(..n);
-        }
+        self.pending = match self.pending.get(n..) {
+            Some(rest) if !rest.is_empty() => rest.to_vec(),
+            _ => Vec::new(),
+        };
+        self.watch = self.pending.len() < MAX_HEAD;
     }
 
     /// Ready once the client has closed or reset the connection. Bytes it sends meanwhile (a pipelined
@@ -342,7 +371,22 @@ impl Conn {
         head.extend_from_slice(b"\r\n");
         head.extend_from_slice(body.as_bytes());
         self.write_all(&mut [IoSlice::new(&head)]).await?;
-        self.io.shutdown().await
+        self.io.shutdown().await?;
+        // Lingering close, as nginx does: closing with unread request bytes would send a reset that
+        // can destroy the answer before the client reads it. Read and drop what the client still
+        // sends, for a short while.
+        let linger = async {
+            let mut left = LINGER_BYTES;
+            let mut buf = [0u8; 1024];
+            while left > 0 {
+                match tokio::io::AsyncReadExt::read(&mut self.io, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, linger).await;
+        Ok(())
     }
 
     /// Stream the response. `Err` means the connection must close without anything more (the client
@@ -352,10 +396,26 @@ impl Conn {
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
+        let close_delimited = out.framing == Framing::Close;
+        let r = self.stream_response(out).await;
+        if r.is_err() && close_delimited {
+            // A close-delimited body looks whole when it ends with a FIN: only a reset says it was
+            // cut.
+            let _ = self.io.set_zero_linger();
+        }
+        r
+    }
+
+    async fn stream_response<B>(&mut self, out: Outgoing<B>) -> Result<(), ()>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
         let Outgoing {
             head,
             mut framing,
             body,
+            trailers,
         } = out;
         let Some(mut body) = body else {
             return self
@@ -365,7 +425,10 @@ impl Conn {
         };
         if body.is_end_stream() {
             if matches!(framing, Framing::Length(n) if n > 0) {
-                return Err(()); // A body that ends before its content-length must not look whole.
+                // A body that ends before its content-length must not look whole: the head, then
+                // the connection closes.
+                let _ = self.write_all(&mut [IoSlice::new(&head)]).await;
+                return Err(());
             }
             let end: &[u8] = if framing == Framing::Chunked {
                 b"0\r\n\r\n"
@@ -437,21 +500,17 @@ impl Conn {
             let frame = match frame.into_data() {
                 Ok(data) => data,
                 Err(frame) => {
-                    // Trailers end the body; they have a place on the wire only in chunked framing.
+                    // Trailers end the body. They have a place on the wire only in chunked framing,
+                    // and go out only to a client that said it takes them (as hyper does).
                     let h = head.take().unwrap_or_default();
                     let mut t = Vec::new();
                     if framing == Framing::Chunked {
                         t.extend_from_slice(b"0\r\n");
-                        if let Some(tr) = frame.trailers_ref() {
-                            for (k, v) in tr {
-                                t.extend_from_slice(k.as_str().as_bytes());
-                                t.extend_from_slice(b": ");
-                                t.extend_from_slice(v.as_bytes());
-                                t.extend_from_slice(b"\r\n");
-                            }
+                        if let Some(tr) = frame.trailers_ref().filter(|_| trailers) {
+                            write_trailers(&mut t, tr);
                         }
                         t.extend_from_slice(b"\r\n");
-                    } else if framing != Framing::Close && framing != Framing::Length(0) {
+                    } else if matches!(framing, Framing::Length(n) if n > 0) {
                         return Err(());
                     }
                     let r = self
@@ -494,15 +553,35 @@ impl Conn {
             ])
             .await
             .map_err(drop)?;
-            if end {
-                if let Framing::Length(n) = framing {
-                    if n > 0 {
-                        return Err(());
-                    }
-                }
-                return Ok(());
+            match framing {
+                // All the promised bytes are out: the response is complete whatever the body does
+                // next (hyper drops it there too).
+                Framing::Length(0) => return Ok(()),
+                Framing::Length(_) if end => return Err(()),
+                _ if end => return Ok(()),
+                _ => {}
             }
         }
+    }
+}
+
+/// Trailer fields, minus those that must not be trailers (framing, routing, hop-by-hop).
+fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    for (k, v) in trailers {
+        let forbidden = k == header::CONTENT_LENGTH
+            || k == header::TRANSFER_ENCODING
+            || k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::HOST
+            || k.as_str() == "keep-alive";
+        if forbidden {
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -526,7 +605,7 @@ fn write_status(out: &mut Vec<u8>, status: StatusCode) {
 }
 
 /// The response head: the service's headers minus the ones this connection owns (`connection`,
-/// `transfer-encoding`, and `content-length` unless it frames the body), then the framing.
+/// `transfer-encoding`, `content-length`), then the framing.
 fn write_head(
     out: &mut Vec<u8>,
     status: StatusCode,
@@ -536,19 +615,19 @@ fn write_head(
     keep_alive: bool,
 ) {
     write_status(out, status);
-    let mut has_length = false;
+    // A response with no body keeps the length it describes (HEAD, 304), except where the length
+    // must not appear (204, 1xx); a body's length is the one this connection frames it with.
+    let mut keep_length =
+        framing == Framing::None && status != StatusCode::NO_CONTENT && !status.is_informational();
     for (k, v) in headers {
         if k == header::CONNECTION || k == header::TRANSFER_ENCODING || k.as_str() == "keep-alive" {
             continue;
         }
         if k == header::CONTENT_LENGTH {
-            if matches!(framing, Framing::Chunked | Framing::Close) {
+            if !keep_length {
                 continue;
             }
-            if has_length {
-                continue; // One is enough (the values agree: see `content_length`).
-            }
-            has_length = true;
+            keep_length = false; // One is enough.
         }
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -557,7 +636,7 @@ fn write_head(
     }
     match framing {
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Length(n) if !has_length => {
+        Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -625,9 +704,19 @@ enum Parsed {
 
 /// Whether a `Connection` header lists `token`.
 fn connection_has(h: &HeaderMap, token: &str) -> bool {
-    h.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    connection_token_in(h, header::CONNECTION, token)
+}
+
+/// Whether a comma-separated list header `name` has `token` (parameters after `;` ignored).
+fn connection_token_in(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
+            })
+        })
     })
 }
 
@@ -649,6 +738,13 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
         }
         Err(_) => return Err(bad("the request head is not valid HTTP/1.1")),
     };
+    if head_len > MAX_HEAD {
+        // One read can bring more than 8 KiB: the limit does not depend on how the bytes came.
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is larger than 8 KiB",
+        ));
+    }
     let method = Method::from_bytes(r.method.unwrap_or("").as_bytes())
         .map_err(|_| bad("the request method is not valid"))?;
     let uri: Uri = r
@@ -683,12 +779,9 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
         Version::HTTP_10 => connection_has(&headers, "keep-alive"),
         _ => !connection_has(&headers, "close"),
     };
-    let body_len = body_len as usize;
-    let body = match buf.get(head_len..head_len + body_len) {
-        Some(b) if !b.is_empty() => ClientBody::Full(Some(Bytes::copy_from_slice(b))),
-        _ => ClientBody::Full(None),
-    };
-    let mut req = Request::new(body);
+    let te_trailers = connection_token_in(&headers, header::TE, "trailers");
+    // The body is filled in by `read_request` once all of it has come.
+    let mut req = Request::new(ClientBody::Full(None));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -696,8 +789,9 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
     Ok(Some(Parsed::Head(Head {
         req,
         head_len,
-        body_len,
+        body_len: body_len as usize,
         keep_alive,
+        te_trailers,
     })))
 }
 
@@ -726,16 +820,17 @@ mod tests {
     }
 
     #[test]
-    fn heads_parse_with_their_body_and_keep_alive() {
-        let raw = b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    fn heads_parse_with_their_length_keep_alive_and_te() {
+        let raw = b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTE: trailers;q=1\r\n\r\nhello";
         let Ok(Some(Parsed::Head(h))) = parsed(raw) else {
             panic!("not parsed")
         };
         assert_eq!(h.req.method(), Method::POST);
         assert_eq!(h.req.uri().path(), "/v1/chat");
         assert_eq!(h.head_len + h.body_len, raw.len());
+        assert_eq!(h.body_len, 5);
         assert!(h.keep_alive);
-        assert!(matches!(h.req.body(), ClientBody::Full(Some(b)) if &b[..] == b"hello"));
+        assert!(h.te_trailers);
 
         let Ok(Some(Parsed::Head(h))) = parsed(b"GET / HTTP/1.0\r\n\r\n") else {
             panic!("not parsed")
@@ -777,6 +872,9 @@ mod tests {
                 _ => panic!("accepted: {}", String::from_utf8_lossy(raw)),
             }
         }
+        // Over 8 KiB, even when it came whole in one read.
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(9000));
+        assert!(matches!(parsed(big.as_bytes()), Err((s, _)) if s == 431));
         let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
         let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert!(matches!(parsed(raw.as_bytes()), Err((s, _)) if s == 431));
