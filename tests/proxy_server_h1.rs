@@ -19,20 +19,27 @@ async fn echo() -> Upstream {
     .await
 }
 
-/// Split `raw` into consecutive responses framed by `content-length`: (head, body) pairs.
+/// Split `raw` into consecutive responses, framed by `content-length` or chunked: (head, payload)
+/// pairs.
 fn responses(mut raw: &[u8]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     while !raw.is_empty() {
         let (head, rest) = split_head(raw);
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap_or_else(|| panic!("no content-length in {head}"))
-            .trim()
-            .parse()
-            .unwrap();
-        out.push((head, String::from_utf8_lossy(&rest[..len]).into_owned()));
-        raw = &raw[raw.len() - rest.len() + len..];
+        let (payload, used) = if head.contains("transfer-encoding: chunked") {
+            let end = rest.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+            (dechunk(&rest[..end]).0, end)
+        } else {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap_or_else(|| panic!("no framing in {head}"))
+                .trim()
+                .parse()
+                .unwrap();
+            (rest[..len].to_vec(), len)
+        };
+        out.push((head, String::from_utf8_lossy(&payload).into_owned()));
+        raw = &raw[raw.len() - rest.len() + used..];
     }
     out
 }
@@ -130,26 +137,8 @@ async fn bodies_the_lean_server_does_not_read_go_through_hyper_intact() {
     )
     .await;
     let (raw, _) = c.read_to_end().await;
-    let mut bodies = Vec::new();
-    let mut rest = &raw[..];
-    while !rest.is_empty() {
-        let (head, body) = split_head(rest);
-        let (payload, len) = if head.contains("transfer-encoding: chunked") {
-            let (p, _) = dechunk(&body);
-            let end = body.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
-            (p, end)
-        } else {
-            let n: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .unwrap()
-                .parse()
-                .unwrap();
-            (body[..n].to_vec(), n)
-        };
-        bodies.push(String::from_utf8(payload).unwrap());
-        rest = &rest[rest.len() - body.len() + len..];
-    }
+    let rs = responses(&raw);
+    let bodies: Vec<&str> = rs.iter().map(|(_, b)| b.as_str()).collect();
     assert_eq!(bodies, ["POST /chunked 5 495", "GET /after 0 0"]);
 
     // Larger than the lean server reads whole (64 KiB).

@@ -424,21 +424,7 @@ impl Conn {
                 .map_err(drop);
         };
         if body.is_end_stream() {
-            if matches!(framing, Framing::Length(n) if n > 0) {
-                // A body that ends before its content-length must not look whole: the head, then
-                // the connection closes.
-                let _ = self.write_all(&mut [IoSlice::new(&head)]).await;
-                return Err(());
-            }
-            let end: &[u8] = if framing == Framing::Chunked {
-                b"0\r\n\r\n"
-            } else {
-                b""
-            };
-            let r = self
-                .write_all(&mut [IoSlice::new(&head), IoSlice::new(end)])
-                .await;
-            return r.map_err(drop);
+            return self.end_body(&head, framing).await;
         }
         // The head goes out with the first frame if that is ready, on its own if not.
         let mut head = Some(head);
@@ -476,25 +462,8 @@ impl Conn {
                 // The client left: dropping the body cancels the upstream.
                 Event::Gone => return Err(()),
                 Event::End => {
-                    if let Framing::Length(n) = framing {
-                        if n > 0 {
-                            tracing::debug!(
-                                missing = n,
-                                "response body ended short of its content-length"
-                            );
-                            return Err(());
-                        }
-                    }
                     let h = head.take().unwrap_or_default();
-                    let end: &[u8] = if framing == Framing::Chunked {
-                        b"0\r\n\r\n"
-                    } else {
-                        b""
-                    };
-                    let r = self
-                        .write_all(&mut [IoSlice::new(&h), IoSlice::new(end)])
-                        .await;
-                    return r.map_err(drop);
+                    return self.end_body(&h, framing).await;
                 }
             };
             let frame = match frame.into_data() {
@@ -582,6 +551,29 @@ fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+}
+
+impl Conn {
+    /// The body ended: write what is left (`head` if not sent yet, the last chunk). A body that
+    /// ended short of its content-length must not look whole: the connection closes after the head.
+    async fn end_body(&mut self, head: &[u8], framing: Framing) -> Result<(), ()> {
+        let end: &[u8] = match framing {
+            Framing::Length(n) if n > 0 => {
+                tracing::debug!(
+                    missing = n,
+                    "response body ended short of its content-length"
+                );
+                let _ = self.write_all(&mut [IoSlice::new(head)]).await;
+                return Err(());
+            }
+            Framing::Chunked => b"0\r\n\r\n",
+            _ => b"",
+        };
+        let r = self
+            .write_all(&mut [IoSlice::new(head), IoSlice::new(end)])
+            .await;
+        r.map_err(drop)
     }
 }
 
