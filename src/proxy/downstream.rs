@@ -132,30 +132,38 @@ where
     };
     let mut first = true;
     loop {
-        let read = tokio::time::timeout(HEAD_TIMEOUT, conn.read_request(first, &graceful))
+        // The request is read, and the call made, in a block of its own: what only this part needs
+        // (the parsed head above all) is then not part of the state kept while the response
+        // streams, which is what every connection's task is sized for.
+        // Ready first, while no request is held (the stack is always ready; tower asks for it).
+        let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
+        let (mut call, method, version, mut keep_alive, te_trailers) = {
+            let read = Box::pin(tokio::time::timeout(
+                HEAD_TIMEOUT,
+                conn.read_request(first, &graceful),
+            ))
             .await
             .unwrap_or(Read::Close);
-        first = false;
-        let head = match read {
-            Read::Request(h) => h,
-            Read::Close => return Served::Closed,
-            Read::Handover => {
-                let bytes = Bytes::from(std::mem::take(&mut conn.pending));
-                return Served::Handover(conn.io, bytes);
-            }
-            Read::Reject(status, why) => {
-                let _ = conn.reject(status, why).await;
-                return Served::Closed;
-            }
+            first = false;
+            let head = match read {
+                Read::Request(h) => h,
+                Read::Close => return Served::Closed,
+                Read::Handover => {
+                    let bytes = Bytes::from(std::mem::take(&mut conn.pending));
+                    return Served::Handover(conn.io, bytes);
+                }
+                Read::Reject(status, why) => {
+                    // Boxed: rare, and with its lingering-close buffer the largest state here.
+                    let _ = Box::pin(conn.reject(status, why)).await;
+                    return Served::Closed;
+                }
+            };
+            conn.consume(head.head_len + head.body_len);
+            let method = head.req.method().clone();
+            let version = head.req.version();
+            let call = Box::pin(svc.call(head.req));
+            (call, method, version, head.keep_alive, head.te_trailers)
         };
-        conn.consume(head.head_len + head.body_len);
-        let method = head.req.method().clone();
-        let version = head.req.version();
-        let mut keep_alive = head.keep_alive;
-        let te_trailers = head.te_trailers;
-
-        let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
-        let mut call = Box::pin(svc.call(head.req));
         // The response is turned into its encoded head and a boxed body right where it comes out: a
         // `Response` held across an await would be copied into this future's state, which every
         // connection's task carries whatever it is doing.
@@ -176,6 +184,7 @@ where
         let Some(out) = ready else {
             return Served::Closed;
         };
+        let close_delimited = out.framing == Framing::Close;
         match conn.respond(out).await {
             // Shutting down: close after this response, whatever the client has sent since.
             Ok(()) if keep_alive && !graceful.is_cancelled() => {}
@@ -183,7 +192,14 @@ where
                 let _ = conn.io.shutdown().await;
                 return Served::Closed;
             }
-            Err(()) => return Served::Closed,
+            Err(()) => {
+                if close_delimited {
+                    // A close-delimited body looks whole when it ends with a FIN: only a reset
+                    // says it was cut.
+                    let _ = conn.io.set_zero_linger();
+                }
+                return Served::Closed;
+            }
         }
     }
 }
@@ -392,21 +408,6 @@ impl Conn {
     /// Stream the response. `Err` means the connection must close without anything more (the client
     /// left, a write failed, or the body failed and must not look complete).
     async fn respond<B>(&mut self, out: Outgoing<B>) -> Result<(), ()>
-    where
-        B: Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
-    {
-        let close_delimited = out.framing == Framing::Close;
-        let r = self.stream_response(out).await;
-        if r.is_err() && close_delimited {
-            // A close-delimited body looks whole when it ends with a FIN: only a reset says it was
-            // cut.
-            let _ = self.io.set_zero_linger();
-        }
-        r
-    }
-
-    async fn stream_response<B>(&mut self, out: Outgoing<B>) -> Result<(), ()>
     where
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
