@@ -1,0 +1,344 @@
+//! The HTTP/1.1 wire format of the lean server: request heads parsed and checked, response heads,
+//! chunk framing, trailers and the `date` header. Pure functions over bytes, no I/O.
+
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+use super::{Framing, MAX_BODY, MAX_HEAD, MAX_HEADERS};
+use crate::proxy::body::ClientBody;
+
+/// A request head, parsed and checked.
+pub(super) struct Head {
+    pub(super) req: Request<ClientBody>,
+    /// Bytes of the head, and of the body after it.
+    pub(super) head_len: usize,
+    pub(super) body_len: usize,
+    pub(super) keep_alive: bool,
+    /// The client sent `TE: trailers`.
+    pub(super) te_trailers: bool,
+}
+
+/// Trailer fields, minus those that must not be trailers (framing, routing, hop-by-hop).
+pub(super) fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    for (k, v) in trailers {
+        let forbidden = k == header::CONTENT_LENGTH
+            || k == header::TRANSFER_ENCODING
+            || k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::HOST
+            || k.as_str() == "keep-alive";
+        if forbidden {
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The chunk-size line for `len` bytes, in `buf`.
+pub(super) fn chunk_size_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, b) in buf.iter_mut().take(digits).enumerate() {
+        *b = b"0123456789abcdef"[(len >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    buf[digits] = b'\r';
+    buf[digits + 1] = b'\n';
+    &buf[..digits + 2]
+}
+
+pub(super) fn write_status(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The response head: the service's headers minus the ones this connection owns (`connection`,
+/// `transfer-encoding`, `content-length`), then the framing.
+pub(super) fn write_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    version: Version,
+    keep_alive: bool,
+) {
+    write_status(out, status);
+    // A response with no body keeps the length it describes (HEAD, 304), except where the length
+    // must not appear (204, 1xx); a body's length is the one this connection frames it with.
+    let mut keep_length =
+        framing == Framing::None && status != StatusCode::NO_CONTENT && !status.is_informational();
+    for (k, v) in headers {
+        if k == header::CONNECTION || k == header::TRANSFER_ENCODING || k.as_str() == "keep-alive" {
+            continue;
+        }
+        if k == header::CONTENT_LENGTH {
+            if !keep_length {
+                continue;
+            }
+            keep_length = false; // One is enough.
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        _ => {}
+    }
+    if !headers.contains_key(header::DATE) {
+        write_date(out);
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `date` header line, rendered once a second per worker thread.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+pub(super) fn write_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, line)| {
+        if *at != secs || line.is_empty() {
+            *at = secs;
+            *line = format!("date: {}\r\n", httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(line.as_bytes());
+    });
+}
+
+/// The `content-length` of `h`, if it has one that is valid (every value, comma lists included, the
+/// same number).
+pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().ok()?.split(',') {
+            let n: u64 = parse_digits(part.trim().as_bytes())?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+fn parse_digits(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+#[allow(clippy::large_enum_variant)] // As `Read`.
+pub(super) enum Parsed {
+    Head(Head),
+    Handover,
+}
+
+/// Whether a `Connection` header lists `token`.
+pub(super) fn connection_has(h: &HeaderMap, token: &str) -> bool {
+    connection_token_in(h, header::CONNECTION, token)
+}
+
+/// Whether a comma-separated list header `name` has `token` (parameters after `;` ignored).
+fn connection_token_in(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    })
+}
+
+pub(super) type Reject = (StatusCode, &'static str);
+
+/// Parse a request head at the start of `buf`: `None` if it is not complete yet.
+pub(super) fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
+    let bad = |why| (StatusCode::BAD_REQUEST, why);
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut slots);
+    let head_len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request has more than 100 header lines",
+            ))
+        }
+        Err(_) => return Err(bad("the request head is not valid HTTP/1.1")),
+    };
+    if head_len > MAX_HEAD {
+        // One read can bring more than 8 KiB: the limit does not depend on how the bytes came.
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is larger than 8 KiB",
+        ));
+    }
+    let method = Method::from_bytes(r.method.unwrap_or("").as_bytes())
+        .map_err(|_| bad("the request method is not valid"))?;
+    let uri: Uri = r
+        .path
+        .unwrap_or("")
+        .parse()
+        .map_err(|_| bad("the request target is not a valid URI"))?;
+    let version = match r.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    for h in r.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| bad("a request header name is not valid"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| bad("a request header value is not valid"))?;
+        headers.append(name, value);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) || headers.contains_key(header::EXPECT) {
+        return Ok(Some(Parsed::Handover));
+    }
+    let body_len = if headers.contains_key(header::CONTENT_LENGTH) {
+        content_length(&headers).ok_or(bad("the request's content-length is not valid"))?
+    } else {
+        0
+    };
+    if body_len > MAX_BODY {
+        return Ok(Some(Parsed::Handover));
+    }
+    let keep_alive = match version {
+        Version::HTTP_10 => connection_has(&headers, "keep-alive"),
+        _ => !connection_has(&headers, "close"),
+    };
+    let te_trailers = connection_token_in(&headers, header::TE, "trailers");
+    // The body is filled in by `read_request` once all of it has come.
+    let mut req = Request::new(ClientBody::Full(None));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(Some(Parsed::Head(Head {
+        req,
+        head_len,
+        body_len: body_len as usize,
+        keep_alive,
+        te_trailers,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut b = [0u8; 18];
+        for (n, want) in [
+            (0usize, "0"),
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (255, "ff"),
+            (4096, "1000"),
+            (usize::MAX, "ffffffffffffffff"),
+        ] {
+            assert_eq!(chunk_size_line(&mut b, n), format!("{want}\r\n").as_bytes());
+        }
+    }
+
+    fn parsed(raw: &[u8]) -> Result<Option<Parsed>, Reject> {
+        parse(raw)
+    }
+
+    #[test]
+    fn heads_parse_with_their_length_keep_alive_and_te() {
+        let raw = b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTE: trailers;q=1\r\n\r\nhello";
+        let Ok(Some(Parsed::Head(h))) = parsed(raw) else {
+            panic!("not parsed")
+        };
+        assert_eq!(h.req.method(), Method::POST);
+        assert_eq!(h.req.uri().path(), "/v1/chat");
+        assert_eq!(h.head_len + h.body_len, raw.len());
+        assert_eq!(h.body_len, 5);
+        assert!(h.keep_alive);
+        assert!(h.te_trailers);
+
+        let Ok(Some(Parsed::Head(h))) = parsed(b"GET / HTTP/1.0\r\n\r\n") else {
+            panic!("not parsed")
+        };
+        assert!(!h.keep_alive);
+        let Ok(Some(Parsed::Head(h))) =
+            parsed(b"GET / HTTP/1.1\r\nconnection: Keep-Alive, CLOSE\r\n\r\n")
+        else {
+            panic!("not parsed")
+        };
+        assert!(!h.keep_alive);
+        assert!(matches!(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+    }
+
+    #[test]
+    fn what_the_lean_path_does_not_take_goes_to_hyper() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ncontent-length: 10\r\nexpect: 100-continue\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 65537\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(raw), Ok(Some(Parsed::Handover))));
+        }
+    }
+
+    #[test]
+    fn bad_heads_are_rejected_with_a_reason() {
+        for (raw, status) in [
+            (&b"GET / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n"[..], 400),
+            (b"GET / HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
+            (b"GET /\x01 HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nbad header: x\r\n\r\n", 400),
+        ] {
+            match parsed(raw) {
+                Err((s, why)) => {
+                    assert_eq!(s, status, "{}", String::from_utf8_lossy(raw));
+                    assert!(!why.is_empty());
+                }
+                _ => panic!("accepted: {}", String::from_utf8_lossy(raw)),
+            }
+        }
+        // Over 8 KiB, even when it came whole in one read.
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n\r\n", "a".repeat(9000));
+        assert!(matches!(parsed(big.as_bytes()), Err((s, _)) if s == 431));
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert!(matches!(parsed(raw.as_bytes()), Err((s, _)) if s == 431));
+    }
+
+    #[test]
+    fn content_length_values_must_agree() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("7, 7"));
+        assert_eq!(content_length(&h), Some(7));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("8"));
+        assert_eq!(content_length(&h), None);
+    }
+}
