@@ -236,6 +236,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             });
         }
     }
+    let mut cpu_ratio: Option<(f64, f64)> = None;
     if o.runs("cpu") {
         // As for latency: both proxies run at once and the rounds alternate, and each figure is the
         // median over the rounds, so that a burst of other work on the machine moves one round, not
@@ -266,6 +267,25 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                     .await?,
                 );
             }
+        }
+        // Rounds of the two proxies run back to back, so each pair shares the machine's state: the
+        // median of the per-round ratios is steadier than the ratio of the medians.
+        let paired = |v: &[Vec<Cpu>]| -> Option<f64> {
+            let [a, b] = v else { return None };
+            let mut r: Vec<f64> = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| x.ns_per_event / y.ns_per_event)
+                .collect();
+            r.sort_by(f64::total_cmp);
+            r.get(r.len() / 2).copied()
+        };
+        cpu_ratio = paired(&blasts).zip(paired(&paceds));
+        if let Some((b, p)) = cpu_ratio {
+            eprintln!(
+                "  median of per-round ratios, {}: back-to-back {b:.2}×, paced {p:.2}×",
+                names(&cpu_kinds)
+            );
         }
         for ((k, mut b), mut p) in cpu_kinds.iter().zip(blasts).zip(paceds) {
             let (b_lo, b_hi) = spread(&b);
@@ -343,7 +363,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         );
         r.memory = Some(m);
     }
-    let table = report(&rows, pinned, o.quick, nginx.is_some());
+    let table = report(&rows, pinned, o.quick, nginx.is_some(), cpu_ratio);
     println!("{table}");
     if let Some(out) = o.out {
         std::fs::write(&out, &table).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -427,7 +447,13 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> String {
+fn report(
+    rows: &[(Kind, Row)],
+    pinned: bool,
+    quick: bool,
+    nginx: bool,
+    cpu_ratio: Option<(f64, f64)>,
+) -> String {
     let mut s = String::new();
     let direct = rows
         .iter()
@@ -579,6 +605,7 @@ fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> Strin
         &|v| format!("{v:.2}"),
         true,
     );
+
     let cases: Vec<String> = sg
         .or(direct)
         .map(|r| r.disconnect.iter().map(|(n, _)| n.clone()).collect())
@@ -619,6 +646,12 @@ fn report(rows: &[(Kind, Row)], pinned: bool, quick: bool, nginx: bool) -> Strin
         &|v| format!("{v:.0}"),
         false,
     );
+    if let Some((b, p)) = cpu_ratio {
+        let _ = writeln!(
+            s,
+            "| CPU per event, median of per-round ratios, back-to-back / paced | – | – | – | {b:.2}× / {p:.2}× |"
+        );
+    }
     if !nginx {
         let _ = writeln!(
             s,
