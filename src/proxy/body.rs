@@ -8,6 +8,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -15,50 +16,10 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::pool::ActiveGuard;
 use crate::{BoxError, EndReason, StreamInfo};
 
-/// The client's request body: read by hyper (HTTP/2, TLS, and HTTP/1.1 requests the lean server hands
-/// over), or read whole by the lean HTTP/1.1 server of [`super::downstream`] before the request went in.
-#[derive(Debug)]
-pub(crate) enum ClientBody {
-    /// A body hyper is reading from the client connection.
-    Hyper(Incoming),
-    /// A body already read whole (`None` once taken, or when there was none).
-    Full(Option<Bytes>),
-}
-
-impl From<Incoming> for ClientBody {
-    fn from(b: Incoming) -> Self {
-        ClientBody::Hyper(b)
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ClientBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Hyper(b) => b.is_end_stream(),
-            ClientBody::Full(b) => b.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Hyper(b) => b.size_hint(),
-            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-        }
-    }
-}
+/// The client's request body: `Left`, read by hyper (HTTP/2, TLS, and HTTP/1.1 requests the lean
+/// server hands over); `Right`, read whole by the lean HTTP/1.1 server of [`super::downstream`] before
+/// the request went in.
+pub(crate) type ClientBody = Either<Incoming, Full<Bytes>>;
 
 /// The request body sent upstream.
 ///
@@ -183,42 +144,9 @@ impl Body for UpstreamRequestBody {
     }
 }
 
-/// The upstream's response body: from hyper's pooled client (TLS, HTTP/2) or from the lean HTTP/1.1
-/// client (plain HTTP/1.1 endpoints).
-#[derive(Debug)]
-pub(crate) enum UpstreamBody {
-    Hyper(Incoming),
-    H1(super::h1::H1Body),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(b) => b.is_end_stream(),
-            UpstreamBody::H1(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Hyper(b) => b.size_hint(),
-            UpstreamBody::H1(b) => b.size_hint(),
-        }
-    }
-}
+/// The upstream's response body: `Left` from hyper's pooled client (TLS, HTTP/2), `Right` from the
+/// lean HTTP/1.1 client (plain HTTP/1.1 endpoints).
+pub(crate) type UpstreamBody = Either<Incoming, super::h1::H1Body>;
 
 /// What the proxy's forwarding service answers with: the upstream's streamed body, or a short body of its
 /// own (errors).

@@ -23,7 +23,9 @@ use http::{header, HeaderValue, Method, Request, Response, Version};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{ClientBody, ProxyBody, UpstreamBody, UpstreamRequestBody};
+use http_body_util::Either;
+
+use super::body::{ClientBody, ProxyBody, UpstreamRequestBody};
 use super::config::{HostHeader, RouteConfig, UpstreamProtocol};
 use super::error::{ProxyError, ProxyErrorKind};
 use super::h1::SendError;
@@ -250,13 +252,13 @@ impl Forward {
                 Some(h1) => h1
                     .send(up)
                     .await
-                    .map(|r| r.map(UpstreamBody::H1))
+                    .map(|r| r.map(Either::Right))
                     .map_err(AttemptError::H1),
                 None => pool
                     .client
                     .request(up)
                     .await
-                    .map(|r| r.map(UpstreamBody::Hyper))
+                    .map(|r| r.map(Either::Left))
                     .map_err(AttemptError::Hyper),
             };
             match sent {

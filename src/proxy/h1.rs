@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -36,6 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamRequestBody;
+use super::http1::{chunk_size_line, connection_has, content_length, header_map};
 
 /// Idle connections kept per endpoint.
 pub(crate) const MAX_IDLE: usize = 256;
@@ -245,7 +246,7 @@ impl H1Endpoint {
         };
         drop(head);
         let framing = framing(&parts.method, &resp);
-        let reusable = resp.version == Version::HTTP_11 && !has_close(&resp.headers);
+        let reusable = resp.version == Version::HTTP_11 && !connection_has(&resp.headers, "close");
         let mut body = H1Body {
             io: Some(io),
             framing,
@@ -283,8 +284,9 @@ async fn stream_body(
             continue;
         }
         if chunked {
-            let size = format!("{:x}\r\n", data.len());
-            io.write_all(size.as_bytes()).await.map_err(write_err)?;
+            let mut size = [0u8; 18];
+            let size = chunk_size_line(&mut size, data.len());
+            io.write_all(size).await.map_err(write_err)?;
             io.write_all_buf(&mut data).await.map_err(write_err)?;
             io.write_all(b"\r\n").await.map_err(write_err)?;
         } else {
@@ -412,16 +414,8 @@ async fn read_head(io: &mut TcpStream, reused: bool) -> Result<(Head, Bytes), Se
             } else {
                 Version::HTTP_11
             };
-            let mut headers = HeaderMap::with_capacity(r.headers.len());
-            for h in r.headers.iter() {
-                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                    SendError::BeforeResponse(format!("invalid header name {:?}", h.name))
-                })?;
-                let value = HeaderValue::from_bytes(h.value).map_err(|_| {
-                    SendError::BeforeResponse(format!("invalid value of header {name}"))
-                })?;
-                headers.append(name, value);
-            }
+            let headers =
+                header_map(r.headers).map_err(|e| SendError::BeforeResponse(e.to_string()))?;
             buf.advance(len);
             let rest = buf.split().freeze();
             return Ok((
@@ -442,13 +436,6 @@ async fn read_head(io: &mut TcpStream, reused: bool) -> Result<(Head, Bytes), Se
             buf.reserve(4096);
         }
     }
-}
-
-fn has_close(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-    })
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -485,18 +472,8 @@ fn framing(method: &Method, h: &Head) -> Framing {
             Framing::Eof
         };
     }
-    let mut lengths = h
-        .headers
-        .get_all(header::CONTENT_LENGTH)
-        .iter()
-        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
-    match lengths.next() {
-        None => Framing::Eof,
-        // An unparsable or conflicting length: read to the end and never reuse.
-        Some(None) => Framing::Eof,
-        Some(Some(n)) if lengths.all(|m| m == Some(n)) => Framing::Length(n),
-        Some(Some(_)) => Framing::Eof,
-    }
+    // No length, or an invalid or conflicting one: read to the end and never reuse.
+    content_length(&h.headers).map_or(Framing::Eof, Framing::Length)
 }
 
 /// Incremental chunked decoder state (sizes and CRLFs; data bytes go straight to the output).
@@ -885,8 +862,9 @@ mod tests {
             Framing::Eof
         );
         assert_eq!(framing(&get, &head(200, &[])), Framing::Eof);
-        assert!(has_close(
-            &head(200, &[("connection", "keep-alive, Close")]).headers
+        assert!(connection_has(
+            &head(200, &[("connection", "keep-alive, Close")]).headers,
+            "close"
         ));
     }
 
@@ -1068,7 +1046,9 @@ mod tests {
         assert_eq!(ep.idle_len(), 1);
         // A POST with a small body goes to the pooled connection, which closes: sent again, whole.
         let mut req = Request::new(UpstreamRequestBody::new(
-            crate::proxy::body::ClientBody::Full(Some(Bytes::from_static(b"hello"))),
+            crate::proxy::body::ClientBody::Right(http_body_util::Full::new(Bytes::from_static(
+                b"hello",
+            ))),
         ));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = http::Uri::from_static("/b");

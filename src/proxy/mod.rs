@@ -24,6 +24,7 @@ mod error;
 mod forward;
 mod h1;
 mod headers;
+mod http1;
 mod pool;
 mod server;
 pub mod stack;

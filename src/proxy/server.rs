@@ -391,7 +391,7 @@ async fn serve<IO>(
 {
     let svc = TowerToHyperService::new(
         stack::with_conn_info(app, info)
-            .map_request(|r: Request<Incoming>| r.map(ClientBody::Hyper)),
+            .map_request(|r: Request<Incoming>| r.map(ClientBody::Left)),
     );
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -30,6 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
+use http_body_util::Full;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -37,10 +38,8 @@ use tower::Service;
 
 use super::body::ClientBody;
 use super::error::json_error;
-use wire::{
-    chunk_size_line, connection_has, content_length, parse, write_date, write_head, write_status,
-    write_trailers, Head, Parsed,
-};
+use super::http1::{chunk_size_line, connection_has, content_length};
+use wire::{parse, write_date, write_head, write_status, write_trailers, Head, Parsed};
 
 mod wire;
 
@@ -283,7 +282,7 @@ impl Conn {
                 if self.pending.len() >= end {
                     if h.body_len > 0 {
                         let body = Bytes::copy_from_slice(&self.pending[h.head_len..end]);
-                        *h.req.body_mut() = ClientBody::Full(Some(body));
+                        *h.req.body_mut() = ClientBody::Right(Full::new(body));
                     }
                     return Read::Request(head.take().expect("checked above"));
                 }

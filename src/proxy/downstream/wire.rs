@@ -1,10 +1,13 @@
 //! The HTTP/1.1 wire format of the lean server: request heads parsed and checked, response heads,
 //! chunk framing, trailers and the `date` header. Pure functions over bytes, no I/O.
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, StatusCode, Uri, Version};
+use http_body_util::Full;
 
 use super::{Framing, MAX_BODY, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::body::ClientBody;
+use crate::proxy::http1::{connection_has, content_length, header_map, list_has, BadHeader};
 
 /// A request head, parsed and checked.
 pub(super) struct Head {
@@ -35,17 +38,6 @@ pub(super) fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-}
-
-/// The chunk-size line for `len` bytes, in `buf`.
-pub(super) fn chunk_size_line(buf: &mut [u8; 18], len: usize) -> &[u8] {
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for (i, b) in buf.iter_mut().take(digits).enumerate() {
-        *b = b"0123456789abcdef"[(len >> (4 * (digits - 1 - i))) & 0xf];
-    }
-    buf[digits] = b'\r';
-    buf[digits + 1] = b'\n';
-    &buf[..digits + 2]
 }
 
 pub(super) fn write_status(out: &mut Vec<u8>, status: StatusCode) {
@@ -125,51 +117,10 @@ pub(super) fn write_date(out: &mut Vec<u8>) {
     });
 }
 
-/// The `content-length` of `h`, if it has one that is valid (every value, comma lists included, the
-/// same number).
-pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
-    let mut found = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().ok()?.split(',') {
-            let n: u64 = parse_digits(part.trim().as_bytes())?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
-        }
-    }
-    found
-}
-
-fn parse_digits(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(s).ok()?.parse().ok()
-}
-
 #[allow(clippy::large_enum_variant)] // As `Read`.
 pub(super) enum Parsed {
     Head(Head),
     Handover,
-}
-
-/// Whether a `Connection` header lists `token`.
-pub(super) fn connection_has(h: &HeaderMap, token: &str) -> bool {
-    connection_token_in(h, header::CONNECTION, token)
-}
-
-/// Whether a comma-separated list header `name` has `token` (parameters after `;` ignored).
-fn connection_token_in(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    h.get_all(name).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
-            })
-        })
-    })
 }
 
 pub(super) type Reject = (StatusCode, &'static str);
@@ -208,14 +159,10 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
-    for h in r.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| bad("a request header name is not valid"))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| bad("a request header value is not valid"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(r.headers).map_err(|e| match e {
+        BadHeader::Name(_) => bad("a request header name is not valid"),
+        BadHeader::Value(_) => bad("a request header value is not valid"),
+    })?;
     if headers.contains_key(header::TRANSFER_ENCODING) || headers.contains_key(header::EXPECT) {
         return Ok(Some(Parsed::Handover));
     }
@@ -231,9 +178,9 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
         Version::HTTP_10 => connection_has(&headers, "keep-alive"),
         _ => !connection_has(&headers, "close"),
     };
-    let te_trailers = connection_token_in(&headers, header::TE, "trailers");
+    let te_trailers = list_has(&headers, header::TE, "trailers");
     // The body is filled in by `read_request` once all of it has come.
-    let mut req = Request::new(ClientBody::Full(None));
+    let mut req = Request::new(ClientBody::Right(Full::new(Bytes::new())));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -250,22 +197,6 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex() {
-        let mut b = [0u8; 18];
-        for (n, want) in [
-            (0usize, "0"),
-            (1, "1"),
-            (15, "f"),
-            (16, "10"),
-            (255, "ff"),
-            (4096, "1000"),
-            (usize::MAX, "ffffffffffffffff"),
-        ] {
-            assert_eq!(chunk_size_line(&mut b, n), format!("{want}\r\n").as_bytes());
-        }
-    }
 
     fn parsed(raw: &[u8]) -> Result<Option<Parsed>, Reject> {
         parse(raw)
@@ -330,15 +261,5 @@ mod tests {
         let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
         let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert!(matches!(parsed(raw.as_bytes()), Err((s, _)) if s == 431));
-    }
-
-    #[test]
-    fn content_length_values_must_agree() {
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("7, 7"));
-        assert_eq!(content_length(&h), Some(7));
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("8"));
-        assert_eq!(content_length(&h), None);
     }
 }
