@@ -308,11 +308,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             }
         }
     }
-    for (k, r) in rows.iter_mut() {
+    for (k, r) in rows.iter_mut().filter(|_| o.runs("disconnect")) {
         let k = *k;
-        if !o.runs("disconnect") {
-            continue;
-        }
         eprintln!("== {}", k.name());
         let mut t = Target::start(k, up.addr, &env)?;
         let cases = [
@@ -324,9 +321,6 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             ("mid-body 5 s gaps, RST", Phase::MidBody, true, 5_000),
         ];
         for (name, phase, rst, gap_ms) in cases {
-            if !o.runs("disconnect") {
-                break;
-            }
             let d = measure::disconnect(
                 t.addr,
                 &up,

@@ -32,7 +32,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamRequestBody;
@@ -127,12 +127,13 @@ impl H1Endpoint {
 
     fn checkin(self: &Arc<Self>, s: TcpStream) {
         if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
+            // Aged-out connections are closed by checkout and by the reaper, not here.
             if idle.len() < MAX_IDLE {
                 idle.push((s, Instant::now()));
             }
         }
-        if !self.reaper.swap(true, Ordering::Relaxed) {
+        // A load first: after the first check-in this is a read of a shared flag, not a write.
+        if !self.reaper.load(Ordering::Relaxed) && !self.reaper.swap(true, Ordering::Relaxed) {
             // Close idle connections the upstream closed (else they sit in CLOSE_WAIT until the next
             // request) or that aged out, even when no request comes.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -244,7 +245,6 @@ impl H1Endpoint {
                 Err(e) => return Err(e),
             }
         };
-        drop(head);
         let framing = framing(&parts.method, &resp);
         let reusable = resp.version == Version::HTTP_11 && !connection_has(&resp.headers, "close");
         let mut body = H1Body {
@@ -253,8 +253,7 @@ impl H1Endpoint {
             chunk: ChunkState::default(),
             pending: rest,
             reusable,
-            endpoint: Some(self.clone()),
-            done: false,
+            endpoint: self.clone(),
         };
         if matches!(body.framing, Framing::Length(0) | Framing::Empty) {
             body.finish();
@@ -284,11 +283,11 @@ async fn stream_body(
             continue;
         }
         if chunked {
+            // Size line, data and CRLF in one `writev`.
             let mut size = [0u8; 18];
             let size = chunk_size_line(&mut size, data.len());
-            io.write_all(size).await.map_err(write_err)?;
-            io.write_all_buf(&mut data).await.map_err(write_err)?;
-            io.write_all(b"\r\n").await.map_err(write_err)?;
+            let mut chunk = bytes::Buf::chain(bytes::Buf::chain(size, data), &b"\r\n"[..]);
+            io.write_all_buf(&mut chunk).await.map_err(write_err)?;
         } else {
             io.write_all_buf(&mut data).await.map_err(write_err)?;
         }
@@ -603,39 +602,6 @@ fn decode_chunked(
     Ok(i)
 }
 
-/// One read of the upstream socket into `space`.
-///
-/// A read that did not fill `space` emptied the socket's receive queue: the readiness tokio cached is
-/// cleared right there, so the next poll waits for the next edge instead of calling `read` once more
-/// just to see `EAGAIN`. That read would sit between each event and its `writev` to the client (hyper
-/// flushes once the body returns `Pending`). Safe with edge-triggered epoll: bytes arriving after the
-/// read raise a new edge (tokio skips the clear if one came in meanwhile), and an end of stream that
-/// came with the data leaves tokio's read-closed readiness set, which is never cleared.
-fn read_drained(io: &TcpStream, cx: &mut Context<'_>, space: &mut [u8]) -> Poll<io::Result<usize>> {
-    loop {
-        std::task::ready!(io.poll_read_ready(cx))?;
-        let mut got = 0;
-        let r = io.try_io(tokio::io::Interest::READABLE, || {
-            let n = io.try_read(space)?;
-            if n > 0 && n < space.len() {
-                got = n;
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match r {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if got > 0 {
-                    return Poll::Ready(Ok(got));
-                }
-                // Spurious readiness: wait for the next edge.
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
 /// The response body of [`H1Endpoint::send`]: reads the upstream socket when polled.
 #[derive(Debug)]
 pub(crate) struct H1Body {
@@ -645,19 +611,16 @@ pub(crate) struct H1Body {
     /// Body bytes read with the head, not yet decoded.
     pending: Bytes,
     reusable: bool,
-    endpoint: Option<Arc<H1Endpoint>>,
-    done: bool,
+    endpoint: Arc<H1Endpoint>,
 }
 
 impl H1Body {
-    /// The message is complete: pool the connection if it can be reused, else close it.
+    /// The message is complete: pool the connection if it can be reused, else close it. The body
+    /// has ended once it holds no connection.
     fn finish(&mut self) {
-        self.done = true;
-        let io = self.io.take();
-        let endpoint = self.endpoint.take();
-        if let (Some(io), Some(ep)) = (io, endpoint) {
+        if let Some(io) = self.io.take() {
             if self.reusable && self.framing != Framing::Eof {
-                ep.checkin(io);
+                self.endpoint.checkin(io);
             }
         }
     }
@@ -709,24 +672,31 @@ impl Body for H1Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         // Bytes that came with the head first.
-        if !this.done && !this.pending.is_empty() {
+        if this.io.is_some() && !this.pending.is_empty() {
             let pending = std::mem::take(&mut this.pending);
             let data = this.take(&pending)?;
             if !data.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
         }
-        while !this.done {
+        while this.io.is_some() {
+            // One read per poll. After a read that did not fill `space`, tokio clears the readiness
+            // it cached, so the next poll waits for the next edge instead of calling `read` once
+            // more only to see `EAGAIN` (between an event and its `writev` to the client).
             let read = SCRATCH.with_borrow_mut(|space| {
-                let Some(io) = this.io.as_ref() else {
+                let Some(io) = this.io.as_mut() else {
                     return Poll::Ready(Ok(None));
                 };
-                Poll::Ready(match std::task::ready!(read_drained(io, cx, space)) {
-                    Ok(0) => Ok(None),
-                    Ok(n) => this.take(&space[..n]).map(Some),
-                    Err(e) => Err(BodyError(format!(
+                let mut buf = ReadBuf::new(space);
+                if let Err(e) = std::task::ready!(Pin::new(io).poll_read(cx, &mut buf)) {
+                    return Poll::Ready(Err(BodyError(format!(
                         "reading the upstream's response body failed: {e}"
-                    ))),
+                    ))));
+                }
+                let n = buf.filled().len();
+                Poll::Ready(match n {
+                    0 => Ok(None),
+                    n => this.take(&space[..n]).map(Some),
                 })
             });
             match std::task::ready!(read) {
@@ -735,7 +705,6 @@ impl Body for H1Body {
                 // End of stream: the end of the message only for a close-delimited body.
                 Ok(None) => {
                     this.io = None;
-                    this.done = true;
                     if this.framing != Framing::Eof {
                         return Poll::Ready(Some(Err(BodyError(
                             "the upstream closed the connection before the end of the response body"
@@ -745,7 +714,6 @@ impl Body for H1Body {
                 }
                 Err(e) => {
                     this.io = None;
-                    this.done = true;
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -754,12 +722,12 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.io.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            _ if self.done => SizeHint::with_exact(0),
+            _ if self.io.is_none() => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }

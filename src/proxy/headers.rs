@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use super::http1::list_has;
+
 /// Headers that describe one connection and never cross a proxy (RFC 9110 §7.6.1), plus the `Proxy-*` ones.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -35,13 +37,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
     for n in named {
         h.remove(n);
     }
-    let te_trailers = check_te
-        && h.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
+    let te_trailers = check_te && list_has(h, header::TE, "trailers");
     for n in HOP_BY_HOP {
         h.remove(n);
     }

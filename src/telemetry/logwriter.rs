@@ -102,34 +102,24 @@ impl LogWriter {
     }
 }
 
-/// One line being formatted; buffered when tracing drops it.
+/// The writer of one event. tracing-subscriber formats the whole line first and hands it over in one
+/// `write_all`, so each `write` goes straight into the shared buffer: no copy of its own, and lines from
+/// different threads never interleave.
 #[derive(Debug)]
-pub(crate) struct Line {
-    line: Vec<u8>,
-    shared: Arc<Shared>,
+pub(crate) struct Line<'a> {
+    shared: &'a Shared,
 }
 
-impl Write for Line {
+impl Write for Line<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.line.extend_from_slice(b);
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for Line {
-    fn drop(&mut self) {
-        if self.line.is_empty() {
-            return;
+        if b.is_empty() {
+            return Ok(0);
         }
-        let s = &self.shared;
+        let s = self.shared;
         let mut buf = s.buf.lock().unwrap_or_else(|e| e.into_inner());
-        if buf.len() + self.line.len() > MAX_BYTES {
+        if buf.len() + b.len() > MAX_BYTES {
             s.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Ok(b.len());
         }
         let dropped = s.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
@@ -139,21 +129,25 @@ impl Drop for Line {
             );
         }
         let was_empty = buf.is_empty();
-        buf.extend_from_slice(&self.line);
+        buf.extend_from_slice(b);
         // One wake-up per batch: for the first line, and when the batch is large.
         if was_empty || buf.len() >= FLUSH_BYTES {
             s.wake.notify_one();
         }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 impl<'a> MakeWriter<'a> for LogWriter {
-    type Writer = Line;
+    type Writer = Line<'a>;
 
-    fn make_writer(&'a self) -> Line {
+    fn make_writer(&'a self) -> Line<'a> {
         Line {
-            line: Vec::with_capacity(256),
-            shared: self.shared.clone(),
+            shared: &self.shared,
         }
     }
 }
