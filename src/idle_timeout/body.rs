@@ -40,9 +40,13 @@ pin_project! {
             // `None` once the stream ended, failed or was cut: the upstream body is dropped right then.
             #[pin]
             inner: Option<B>,
+            // Armed for `last + idle_after` at the latest; frames only move `last`, and a timer that
+            // fires early is re-armed then (one timer operation per period, not one per frame).
             #[pin]
             idle: Sleep,
             idle_after: Duration,
+            // When the last upstream frame arrived (the stream's start before the first).
+            last: Instant,
             // Present only for responses that may receive keepalives.
             #[pin]
             keepalive: Option<Sleep>,
@@ -68,6 +72,9 @@ struct Keepalive {
     /// Some(k): a keepalive went out before the upstream's first byte, and the first k bytes of the
     /// upstream matched (and were withheld as) a UTF-8 BOM prefix. See [`Keepalive::forward`].
     bom: Option<u8>,
+    /// The next keepalive is due `interval` after this: the last upstream frame or keepalive. As for
+    /// the idle deadline, the timer may fire earlier and is then re-armed.
+    since: Instant,
 }
 
 impl Keepalive {
@@ -130,6 +137,7 @@ impl<B> IdleTimeoutBody<B> {
                     due: false,
                     started: false,
                     bom: None,
+                    since: now,
                 }),
             ),
             None => (None, None),
@@ -139,6 +147,7 @@ impl<B> IdleTimeoutBody<B> {
                 inner: Some(inner),
                 idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
                 idle_after,
+                last: now,
                 keepalive: sleep,
                 state,
                 info,
@@ -198,10 +207,11 @@ where
                 inner,
                 idle,
                 idle_after,
+                last,
                 keepalive,
                 state,
                 info,
-            } => poll_stream(cx, inner, idle, *idle_after, keepalive, state, info),
+            } => poll_stream(cx, inner, (idle, *idle_after, last), keepalive, state, info),
         }
     }
 
@@ -241,9 +251,8 @@ where
 fn poll_stream<B>(
     cx: &mut Context<'_>,
     mut inner: Pin<&mut Option<B>>,
-    mut idle: Pin<&mut Sleep>,
-    idle_after: Duration,
-    mut keepalive: Pin<&mut Option<Sleep>>,
+    (mut idle, idle_after, last): (Pin<&mut Sleep>, Duration, &mut Instant),
+    keepalive: Pin<&mut Option<Sleep>>,
     state: &mut Option<Keepalive>,
     info: &StreamInfo,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
@@ -258,14 +267,12 @@ where
         // Data first: an upstream frame ready at a deadline wins.
         match body.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let now = Instant::now();
-                idle.as_mut().reset(deadline_after(now, idle_after));
-                let (Some(ka), Some(timer)) = (state.as_mut(), keepalive.as_mut().as_pin_mut())
-                else {
+                *last = Instant::now();
+                let Some(ka) = state.as_mut() else {
                     return Poll::Ready(Some(Ok(frame)));
                 };
                 if !ka.due {
-                    timer.reset(deadline_after(now, ka.interval));
+                    ka.since = *last;
                 }
                 return match frame.into_data() {
                     Ok(data) => match ka.forward(data) {
@@ -288,7 +295,7 @@ where
             Poll::Pending => break,
         }
     }
-    if idle.poll(cx).is_ready() {
+    if expired(idle.as_mut(), deadline_after(*last, idle_after), cx) {
         // Drop the upstream body now: that closes its connection or resets its stream.
         inner.set(None);
         info.record_end(EndReason::IdleTimeout);
@@ -302,14 +309,16 @@ where
         return Poll::Ready(Some(Err(Box::new(err))));
     }
     if let (Some(ka), Some(mut timer)) = (state.as_mut(), keepalive.as_pin_mut()) {
-        if timer.as_mut().poll(cx).is_ready() {
+        // Once due, the timer stays expired until a keepalive goes out.
+        if ka.due || expired(timer.as_mut(), deadline_after(ka.since, ka.interval), cx) {
             if !ka.tracker.at_boundary() {
                 // The timer stays expired; the next frame that reaches a boundary releases it.
                 ka.due = true;
                 return Poll::Pending;
             }
             ka.due = false;
-            timer.reset(deadline_after(Instant::now(), ka.interval));
+            ka.since = Instant::now();
+            timer.reset(deadline_after(ka.since, ka.interval));
             if !ka.started && ka.bom.is_none() {
                 ka.bom = Some(0);
             }
@@ -318,4 +327,18 @@ where
         }
     }
     Poll::Pending
+}
+
+/// Whether `deadline` has passed. The timer may be armed earlier than `deadline` (frames move the
+/// deadline without touching the timer): when it fires early, it is re-armed for `deadline`.
+fn expired(mut timer: Pin<&mut Sleep>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+    if timer.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    if deadline <= Instant::now() {
+        return true;
+    }
+    timer.as_mut().reset(deadline);
+    // Registers the waker for the new deadline (it cannot have passed yet, unless it just did).
+    timer.poll(cx).is_ready()
 }

@@ -1,7 +1,6 @@
 //! Bodies on the proxy path: the request body sent upstream (replayable until first polled, so a
 //! request whose connection was refused can fail over), and the response body handed to the layers.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -11,8 +10,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::drain::DrainWatch;
 use super::pool::ActiveGuard;
 use crate::{BoxError, EndReason, StreamInfo};
 
@@ -166,7 +165,7 @@ enum Kind {
 struct UpstreamStream {
     body: Option<UpstreamBody>,
     info: StreamInfo,
-    deadline: Pin<Box<WaitForCancellationFutureOwned>>,
+    deadline: DrainWatch,
     metrics: Option<crate::trace::StreamMetrics>,
     _permit: Option<OwnedSemaphorePermit>,
     active: ActiveGuard,
@@ -211,7 +210,7 @@ impl ProxyBody {
     pub(crate) fn upstream(
         body: UpstreamBody,
         info: StreamInfo,
-        deadline: WaitForCancellationFutureOwned,
+        deadline: DrainWatch,
         permit: Option<OwnedSemaphorePermit>,
         active: ActiveGuard,
         metrics: Option<crate::trace::StreamMetrics>,
@@ -220,7 +219,7 @@ impl ProxyBody {
             kind: Kind::Upstream(Box::new(UpstreamStream {
                 body: Some(body),
                 info,
-                deadline: Box::pin(deadline),
+                deadline,
                 metrics,
                 _permit: permit,
                 active,
@@ -262,7 +261,7 @@ impl Body for ProxyBody {
                         }
                     });
                 }
-                ready!(s.deadline.as_mut().poll(cx));
+                ready!(s.deadline.poll(cx));
                 // Drop the upstream body now: that closes (HTTP/1.1) or resets (HTTP/2) the upstream stream.
                 s.body = None;
                 s.info.record_end(EndReason::Shutdown);

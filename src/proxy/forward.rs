@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) max_streams: usize,
     /// Cancelled when the drain timeout passes during shutdown: open streams end with `shutdown`.
-    pub(crate) drain_deadline: CancellationToken,
+    pub(crate) drain_deadline: Arc<super::drain::DrainDeadline>,
     /// Cancelled when shutdown starts: new requests get 503.
     pub(crate) shutting_down: CancellationToken,
     /// Upstream error counter by endpoint, when metrics are on.
@@ -269,7 +269,7 @@ impl Forward {
                     let body = ProxyBody::upstream(
                         body,
                         info,
-                        self.shared.drain_deadline.clone().cancelled_owned(),
+                        self.shared.drain_deadline.watch(),
                         permit,
                         active,
                         self.shared.metrics.clone(),

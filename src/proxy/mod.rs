@@ -20,6 +20,7 @@
 mod body;
 pub mod config;
 mod downstream;
+mod drain;
 mod error;
 mod forward;
 mod h1;

@@ -165,7 +165,7 @@ impl Server {
         let shared = Arc::new(Shared {
             streams: Arc::new(Semaphore::new(config.max_streams)),
             max_streams: config.max_streams,
-            drain_deadline: CancellationToken::new(),
+            drain_deadline: Arc::default(),
             shutting_down: CancellationToken::new(),
             metrics: opts.metrics.clone(),
         });
@@ -263,7 +263,7 @@ impl Server {
                 open_streams = open,
                 "drain timeout passed: ending the open streams"
             );
-            self.shared.drain_deadline.cancel();
+            self.shared.drain_deadline.fire();
         }
         // Connections end as soon as their streams do; bound the wait anyway.
         if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
