@@ -190,6 +190,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         .filter(|&k| o.targets(k) && (k != Kind::Nginx || nginx.is_some()))
         .collect();
     let mut rows: Vec<(Kind, Row)> = kinds.iter().map(|&k| (k, Row::default())).collect();
+    let mut lat_ratio: Option<(f64, f64)> = None;
     if o.runs("latency") {
         // Every target runs at once and the rounds alternate between them, so that whatever else the
         // machine does in the meantime lands on all of them alike.
@@ -201,19 +202,56 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         let mut first = vec![measure::hist(); targets.len()];
         let mut each = vec![measure::hist(); targets.len()];
         let mut coalesced = vec![0; targets.len()];
-        for _ in 0..rounds {
-            for (i, t) in targets.iter().enumerate() {
-                measure::ttfb(t.addr, origin, ttfb_n / rounds, &mut first[i]).await?;
+        // Each round's p99s (time to first byte, per-event delay) per target, for the paired ratios.
+        let mut round_p99: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
+        for j in 0..rounds {
+            // Every other round runs the targets after the first in reverse order, so that neither
+            // proxy always runs in the same place of a round (right after the direct baseline, say).
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if j % 2 == 1 {
+                order[1..].reverse();
+            }
+            for i in order {
+                let t = &targets[i];
+                let (mut f, mut e) = (measure::hist(), measure::hist());
+                measure::ttfb(t.addr, origin, ttfb_n / rounds, &mut f).await?;
                 coalesced[i] += measure::event_delay(
                     t.addr,
                     origin,
                     streams,
                     events,
                     Duration::from_millis(15),
-                    &mut each[i],
+                    &mut e,
                 )
                 .await?;
+                round_p99[i].push((Lat::of(&f).p99, Lat::of(&e).p99));
+                first[i].add(&f).map_err(|e| format!("histogram: {e}"))?;
+                each[i].add(&e).map_err(|e| format!("histogram: {e}"))?;
             }
+        }
+        // As for CPU: the p99 of one target over all rounds moves with whatever else the machine did
+        // during its rounds. Paired per round (streamgate's added p99 over nginx's, each against the
+        // direct round run just before), the median ratio shows what is systematic.
+        let at = |k: Kind| kinds.iter().position(|&x| x == k);
+        if let (Some(d), Some(a), Some(b)) =
+            (at(Kind::Direct), at(Kind::Streamgate), at(Kind::Nginx))
+        {
+            let ratio = |pick: fn(&(f64, f64)) -> f64| {
+                let mut r: Vec<f64> = (0..rounds)
+                    .map(|j| {
+                        let base = pick(&round_p99[d][j]);
+                        let added = |t: usize| (pick(&round_p99[t][j]) - base).max(1.0);
+                        added(a) / added(b)
+                    })
+                    .collect();
+                r.sort_by(f64::total_cmp);
+                r[r.len() / 2]
+            };
+            let (t, e) = (ratio(|x| x.0), ratio(|x| x.1));
+            eprintln!(
+                "  median of per-round ratios of added p99, streamgate, nginx: time to first byte {t:.2}×, per-event delay {e:.2}×"
+            );
+            lat_ratio = Some((t, e));
         }
         for (i, (k, r)) in rows.iter_mut().enumerate() {
             let l = Lat::of(&first[i]);
@@ -357,7 +395,14 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         );
         r.memory = Some(m);
     }
-    let table = report(&rows, pinned, o.quick, nginx.is_some(), cpu_ratio);
+    let table = report(
+        &rows,
+        pinned,
+        o.quick,
+        nginx.is_some(),
+        lat_ratio,
+        cpu_ratio,
+    );
     println!("{table}");
     if let Some(out) = o.out {
         std::fs::write(&out, &table).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -446,6 +491,7 @@ fn report(
     pinned: bool,
     quick: bool,
     nginx: bool,
+    lat_ratio: Option<(f64, f64)>,
     cpu_ratio: Option<(f64, f64)>,
 ) -> String {
     let mut s = String::new();
@@ -640,6 +686,12 @@ fn report(
         &|v| format!("{v:.0}"),
         false,
     );
+    if let Some((t, e)) = lat_ratio {
+        let _ = writeln!(
+            s,
+            "| added p99, median of per-round ratios, time to first byte / per-event delay | – | – | – | {t:.2}× / {e:.2}× |"
+        );
+    }
     if let Some((b, p)) = cpu_ratio {
         let _ = writeln!(
             s,
