@@ -291,8 +291,14 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut blasts: Vec<Vec<Cpu>> = targets.iter().map(|_| Vec::new()).collect();
         let mut paceds: Vec<Vec<Cpu>> = targets.iter().map(|_| Vec::new()).collect();
-        for _ in 0..cpu_rounds {
-            for (i, t) in targets.iter().enumerate() {
+        for j in 0..cpu_rounds {
+            // Every other round in reverse order, as for latency.
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if j % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let t = &targets[i];
                 blasts[i].push(measure::cpu(t, origin, 1, blast, Duration::ZERO).await?);
                 paceds[i].push(
                     measure::cpu(
