@@ -231,11 +231,17 @@ impl Telemetry {
             .with_writer(writer)
             .with_ansi(ansi)
             .with_filter(fmt_filter);
-        tracing_subscriber::registry()
-            .with(fmt)
-            .with(telemetry.otel_layer())
-            .try_init()
-            .map_err(|_| TelemetryError::SubscriberAlreadySet)?;
+        // No `Option` layer when nothing is exported: an absent layer counts as interested in every
+        // callsite, so the request and stream spans would be built (and entered and recorded on
+        // every request) for nobody.
+        let installed = match telemetry.otel_layer() {
+            Some(otel) => tracing_subscriber::registry()
+                .with(fmt)
+                .with(otel)
+                .try_init(),
+            None => tracing_subscriber::registry().with(fmt).try_init(),
+        };
+        installed.map_err(|_| TelemetryError::SubscriberAlreadySet)?;
         // streamgate's own layer never needs it; other instrumentation in the process may.
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
