@@ -209,7 +209,9 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             // proxy always runs in the same place of a round (right after the direct baseline, say).
             let mut order: Vec<usize> = (0..targets.len()).collect();
             if j % 2 == 1 {
-                order[1..].reverse();
+                // The direct baseline (when measured) stays first; the proxies after it swap.
+                let first = usize::from(kinds.first() == Some(&Kind::Direct));
+                order[first..].reverse();
             }
             for i in order {
                 let t = &targets[i];
@@ -244,8 +246,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                         added(a) / added(b)
                     })
                     .collect();
-                r.sort_by(f64::total_cmp);
-                r[r.len() / 2]
+                mid(&mut r)
             };
             let (t, e) = (ratio(|x| x.0), ratio(|x| x.1));
             eprintln!(
@@ -321,8 +322,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                 .zip(b)
                 .map(|(x, y)| x.ns_per_event / y.ns_per_event)
                 .collect();
-            r.sort_by(f64::total_cmp);
-            r.get(r.len() / 2).copied()
+            (!r.is_empty()).then(|| mid(&mut r))
         };
         cpu_ratio = paired(&blasts).zip(paired(&paceds));
         if let Some((b, p)) = cpu_ratio {
@@ -418,6 +418,17 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
 }
 
 /// The median round (by CPU per event).
+/// The median of `v` (the mean of the two middle values when their number is even).
+fn mid(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
+}
+
 fn median(v: &mut [Cpu]) -> Cpu {
     v.sort_by(|a, b| a.ns_per_event.total_cmp(&b.ns_per_event));
     v[v.len() / 2].clone()

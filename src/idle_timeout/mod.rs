@@ -53,8 +53,9 @@
 //!
 //! Right before yielding a keepalive the body calls
 //! [`StreamInfo::note_heartbeat`](crate::StreamInfo::note_heartbeat), so outer layers can tell injected
-//! bytes from upstream bytes. Per frame the body resets at most two timers and scans the bytes once for
-//! line ends; it does not allocate or log.
+//! bytes from upstream bytes. Per frame the body reads the clock and scans the bytes once for line ends;
+//! it does not touch its timers (a timer that fires before the deadline a later frame moved is re-armed
+//! then), allocate or log.
 //!
 //! Streams that end lines with a bare CR are only at a boundary once the byte after each CR has arrived,
 //! so they receive keepalives only in the silences that follow mid-stream bytes after a CR, not after the

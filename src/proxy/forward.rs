@@ -50,7 +50,7 @@ pub(crate) struct Shared {
     /// Capacity: one permit per open stream.
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) max_streams: usize,
-    /// Cancelled when the drain timeout passes during shutdown: open streams end with `shutdown`.
+    /// Fired when the drain timeout passes during shutdown: open streams end with `shutdown`.
     pub(crate) drain_deadline: Arc<super::drain::DrainDeadline>,
     /// Cancelled when shutdown starts: new requests get 503.
     pub(crate) shutting_down: CancellationToken,

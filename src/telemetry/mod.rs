@@ -323,7 +323,9 @@ impl Telemetry {
     ///
     /// It carries its own filter (`INFO` and above; `h2`, `hyper`, `hyper_util`, `tonic`, `tower`
     /// off), independent of the log filter. [`init`](Self::init) installs it; use it directly when
-    /// composing a subscriber yourself.
+    /// composing a subscriber yourself. Add it only when it is `Some`: tracing-subscriber counts an
+    /// absent `Option` layer as interested in every callsite, so `.with(None)` makes every `INFO` span
+    /// (streamgate's request and stream spans among them) get built for no one.
     pub fn otel_layer<S>(&self) -> Option<Box<dyn Layer<S> + Send + Sync + 'static>>
     where
         S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
