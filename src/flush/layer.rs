@@ -185,7 +185,15 @@ fn merge_cache_control(headers: &mut HeaderMap) {
     if present.iter().all(|&p| p) {
         return;
     }
-    let mut merged = Vec::new();
+    // The usual case, no `Cache-Control` at all: a static value, no allocation.
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache, no-transform"),
+        );
+        return;
+    }
+    let mut merged = Vec::with_capacity(64);
     for value in headers.get_all(header::CACHE_CONTROL) {
         let value = value.as_bytes().trim_ascii();
         if value.is_empty() {
@@ -203,7 +211,7 @@ fn merge_cache_control(headers: &mut HeaderMap) {
         merged.extend_from_slice(needed.as_bytes());
     }
     // The parts were valid header values and the separators are visible ASCII, so this cannot fail.
-    if let Ok(value) = HeaderValue::from_bytes(&merged) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(merged)) {
         headers.insert(header::CACHE_CONTROL, value);
     }
 }

@@ -235,7 +235,13 @@ impl Forward {
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
             *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = headers.clone();
+            // The last attempt allowed takes the headers; earlier ones copy them for a retry (a copy
+            // costs the map's two allocations plus one per header value on this path).
+            *up.headers_mut() = if tried.len() >= pool.max_attempts() {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
             let h2 = match pool.cfg.protocol {
                 UpstreamProtocol::Http2 => true,
                 UpstreamProtocol::Http1 => false,

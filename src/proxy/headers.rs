@@ -9,16 +9,18 @@ use http::Version;
 use super::http1::list_has;
 
 /// Headers that describe one connection and never cross a proxy (RFC 9110 §7.6.1), plus the `Proxy-*` ones.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// As `HeaderName`s: a `&str` key is parsed and classified again on every lookup (twice per request, for
+/// each of the nine).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Remove hop-by-hop headers and every header named in `Connection`.
@@ -38,21 +40,30 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
         h.remove(n);
     }
     let te_trailers = check_te && list_has(h, header::TE, "trailers");
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
     te_trailers
 }
 
-/// Append `value` to a comma-separated list header, or set it.
+/// Append `value` to a comma-separated list header, or set it (`insert` replaces every earlier value).
 fn append_list(h: &mut HeaderMap, name: HeaderName, value: &str) {
     let joined = match h.get(&name).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {value}"),
         _ => value.to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        h.remove(&name);
+    // From the `String` itself: no second copy.
+    if let Ok(v) = HeaderValue::try_from(joined) {
         h.insert(name, v);
+    }
+}
+
+/// Set `name` to a static `value` when the request has none (no allocation), else append to its list.
+fn append_static(h: &mut HeaderMap, name: HeaderName, value: &'static str) {
+    if h.contains_key(&name) {
+        append_list(h, name, value);
+    } else {
+        h.insert(name, HeaderValue::from_static(value));
     }
 }
 
@@ -72,18 +83,18 @@ pub(crate) fn add_forwarding(h: &mut HeaderMap, f: &Forwarded<'_>) {
         HeaderName::from_static("x-forwarded-for"),
         &f.client_ip.to_string(),
     );
-    append_list(h, HeaderName::from_static("x-forwarded-proto"), f.proto);
+    append_static(h, HeaderName::from_static("x-forwarded-proto"), f.proto);
     if let Some(host) = f.host {
         append_list(h, HeaderName::from_static("x-forwarded-host"), host);
     }
-    let v = match f.version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
+    let via = match f.version {
+        Version::HTTP_09 => "0.9 streamgate",
+        Version::HTTP_10 => "1.0 streamgate",
+        Version::HTTP_2 => "2 streamgate",
+        Version::HTTP_3 => "3 streamgate",
+        _ => "1.1 streamgate",
     };
-    append_list(h, header::VIA, &format!("{v} streamgate"));
+    append_static(h, header::VIA, via);
 }
 
 #[cfg(test)]
@@ -137,5 +148,28 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
         assert_eq!(h[header::VIA], "1.1 edge, 2 streamgate");
+
+        // None before: set, from static values where they are static.
+        let mut h = HeaderMap::new();
+        add_forwarding(
+            &mut h,
+            &Forwarded {
+                client_ip: "::1".parse().unwrap(),
+                proto: "http",
+                host: None,
+                version: Version::HTTP_11,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h[header::VIA], "1.1 streamgate");
+        // A repeated header: the first value is kept and extended, the others go (as before).
+        let mut h = HeaderMap::new();
+        h.append(header::VIA, HeaderValue::from_static("1.0 a"));
+        h.append(header::VIA, HeaderValue::from_static("1.1 b"));
+        append_static(&mut h, header::VIA, "1.1 streamgate");
+        assert_eq!(h.get_all(header::VIA).iter().count(), 1);
+        assert_eq!(h[header::VIA], "1.0 a, 1.1 streamgate");
     }
 }

@@ -293,13 +293,23 @@ impl Conn {
                     _ = graceful.cancelled() => return Read::Close,
                     r = self.io.readable() => if r.is_err() { return Read::Close },
                 }
+            } else if self.io.readable().await.is_err() {
+                return Read::Close;
             }
-            if self.pending.capacity() - self.pending.len() < 1024 {
-                self.pending.reserve(4096);
-            }
-            match tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.pending).await {
-                Ok(0) | Err(_) => return Read::Close,
+            // Read on the stack (not kept across an await, so not in the connection's future) and
+            // keep only what came: a request head of a few hundred bytes costs that much, not a
+            // 4 KiB buffer per request.
+            let read = {
+                let mut buf = [0u8; 4096];
+                self.io
+                    .try_read(&mut buf)
+                    .inspect(|&n| self.pending.extend_from_slice(&buf[..n]))
+            };
+            match read {
+                Ok(0) => return Read::Close,
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Read::Close,
             }
         }
     }
