@@ -296,22 +296,23 @@ impl Conn {
             } else if self.io.readable().await.is_err() {
                 return Read::Close;
             }
-            // Read on the stack (not kept across an await, so not in the connection's future) and
-            // keep only what came: a request head of a few hundred bytes costs that much, not a
-            // 4 KiB buffer per request.
-            let read = {
-                let mut buf = [0u8; 4096];
-                self.io
-                    .try_read(&mut buf)
-                    .inspect(|&n| self.pending.extend_from_slice(&buf[..n]))
-            };
-            match read {
+            match self.try_read_pending() {
                 Ok(0) => return Read::Close,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return Read::Close,
             }
         }
+    }
+
+    /// One read of what the socket holds now, appended to `pending`. The read lands on the stack (this
+    /// is not async, so the buffer is never part of the connection's future) and only what came is
+    /// kept: a request head of a few hundred bytes costs that much, not a 4 KiB buffer per request.
+    fn try_read_pending(&mut self) -> io::Result<usize> {
+        let mut buf = [0u8; 4096];
+        let n = self.io.try_read(&mut buf)?;
+        self.pending.extend_from_slice(&buf[..n]);
+        Ok(n)
     }
 
     /// Drop `n` used bytes. What is left (a pipelined request) moves to an exactly-sized buffer, so
@@ -334,11 +335,9 @@ impl Conn {
             if ready!(self.io.poll_read_ready(cx)).is_err() {
                 return Poll::Ready(());
             }
-            let mut buf = [0u8; 1024];
-            match self.io.try_read(&mut buf) {
+            match self.try_read_pending() {
                 Ok(0) => return Poll::Ready(()),
-                Ok(n) => {
-                    self.pending.extend_from_slice(&buf[..n]);
+                Ok(_) => {
                     if self.pending.len() >= MAX_HEAD {
                         self.watch = false;
                         return Poll::Pending;
@@ -536,9 +535,7 @@ impl Conn {
             }
         }
     }
-}
 
-impl Conn {
     /// The body ended: write what is left (`head` if not sent yet, the last chunk). A body that
     /// ended short of its content-length must not look whole: the connection closes after the head.
     async fn end_body(&mut self, head: &[u8], framing: Framing) -> Result<(), ()> {
