@@ -59,6 +59,9 @@ struct Flags {
     /// Concurrent streams before new requests get 503 (default 10000).
     #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
     max_streams: Option<String>,
+    /// Runtime worker threads (default: one per CPU the process may use; 1 runs single-threaded).
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    workers: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, global = true, value_name = "ADDR")]
     metrics_listen: Option<String>,
@@ -77,6 +80,7 @@ impl Flags {
             first_byte_timeout: self.first_byte_timeout.clone(),
             drain_timeout: self.drain_timeout.clone(),
             max_streams: self.max_streams.clone(),
+            workers: self.workers.clone(),
             metrics_listen: self.metrics_listen.clone(),
             otlp_endpoint: self.otlp_endpoint.clone(),
         }
@@ -111,8 +115,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// The async runtime: `workers` threads. With one, a single-threaded runtime, as an nginx worker
+/// process: the multi-threaded scheduler's work-stealing bookkeeping (poll-time statistics, clock
+/// reads, the shared injection queue) is pure overhead on the path of every event when there is no
+/// other thread to steal from.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("streamgate-rt")
         .enable_all()
         .build()
 }
@@ -135,7 +150,7 @@ where
     F: FnOnce(Vec<SocketAddr>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let rt = match runtime() {
+    let rt = match runtime(cfg.worker_threads()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("streamgate: cannot start the runtime: {e}");

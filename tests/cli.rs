@@ -67,6 +67,18 @@ fn bad_values_exit_2_naming_key_value_and_reason() {
             &["--max-streams", "-3"],
         ),
         (
+            &[
+                "check",
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "http://x",
+                "--workers",
+                "0",
+            ],
+            &["--workers", "0", "between 1 and 1024"],
+        ),
+        (
             &["check", "--config", "/nonexistent/streamgate.toml"],
             &["--config", "/nonexistent/streamgate.toml", "cannot read"],
         ),

@@ -201,6 +201,13 @@ impl Drop for Child {
 }
 
 fn spawn_proxy_binary(upstream: std::net::SocketAddr) -> (Child, std::net::SocketAddr) {
+    spawn_proxy_binary_with(upstream, &[])
+}
+
+fn spawn_proxy_binary_with(
+    upstream: std::net::SocketAddr,
+    extra: &[&str],
+) -> (Child, std::net::SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -214,6 +221,7 @@ fn spawn_proxy_binary(upstream: std::net::SocketAddr) -> (Child, std::net::Socke
             "--upstream",
             &format!("http://{upstream}"),
         ])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -225,6 +233,98 @@ fn spawn_proxy_binary(upstream: std::net::SocketAddr) -> (Child, std::net::Socke
         std::thread::yield_now();
     }
     (Child(child), addr)
+}
+
+/// Threads of the proxy process named as its multi-threaded runtime names its workers (and blocking
+/// threads, which a fresh process has none of).
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|c| c.trim() == "streamgate-rt")
+        .count()
+}
+
+/// `--workers 1` runs the proxy on a single-threaded runtime (no worker threads at all), and it still
+/// streams, cancels the upstream when the client goes, and drains on SIGTERM; `--workers 3` starts three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_threaded_runtime_streams_cancels_and_drains() {
+    let _serial = serial().await;
+    let up = Upstream::start(|req| async move {
+        let (tx, resp) = streamed("text/event-stream");
+        let endless = req.uri().path() == "/endless";
+        tokio::spawn(async move {
+            for i in 0.. {
+                if !endless && i == 3 {
+                    return;
+                }
+                let ev = Bytes::from(format!("data: {i}\n\n"));
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        resp
+    })
+    .await;
+
+    let (child, _) = spawn_proxy_binary_with(up.addr, &["--workers", "3"]);
+    assert_eq!(runtime_workers(child.0.id()), 3);
+    drop(child);
+
+    let (mut child, addr) =
+        spawn_proxy_binary_with(up.addr, &["--workers", "1", "--drain-timeout", "200ms"]);
+    assert_eq!(
+        runtime_workers(child.0.id()),
+        0,
+        "--workers 1 started worker threads"
+    );
+    // A whole stream, every event in order, ended by the terminating chunk.
+    let mut c = RawClient::connect(addr).await;
+    c.get("/three").await;
+    let raw = c.read_until(b"0\r\n\r\n").await;
+    let (head, body) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (data, terminated) = dechunk(&body);
+    assert!(terminated, "stream did not end with the terminating chunk");
+    assert_eq!(data, b"data: 0\n\ndata: 1\n\ndata: 2\n\n");
+    // The client goes mid-stream: the upstream connection is closed, not left generating.
+    let mut closed = up.on_close();
+    let mut c = RawClient::connect(addr).await;
+    c.get("/endless").await;
+    c.read_until(b"data: 1").await;
+    c.close_rst();
+    within("upstream close after the client left", closed.recv())
+        .await
+        .unwrap();
+    // SIGTERM with a stream open: it is cut at the drain deadline, not ended cleanly, and the process
+    // exits 0.
+    let mut c = RawClient::connect(addr).await;
+    c.get("/endless").await;
+    c.read_until(b"data: 0").await;
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (raw, _) = c.read_to_end().await;
+    let (_, body) = split_head(&raw);
+    let (_, terminated) = dechunk(&body);
+    assert!(
+        !terminated,
+        "a stream cut by the drain deadline ended cleanly"
+    );
+    let status = within("exit after SIGTERM", async {
+        loop {
+            if let Some(st) = child.0.try_wait().unwrap() {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

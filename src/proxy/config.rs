@@ -13,6 +13,7 @@
 //! [server]
 //! drain_timeout = "30s"
 //! max_streams = 10000
+//! workers = 2                      # runtime threads; default: one per CPU the process may use
 //! metrics_listen = "127.0.0.1:9464"
 //!
 //! [telemetry]
@@ -264,6 +265,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Concurrent streams allowed before new requests get 503. Default: 10,000.
     pub max_streams: usize,
+    /// Runtime worker threads; `None`: one per CPU the process may use (its affinity mask and cgroup
+    /// quota), as nginx's `worker_processes auto`. With one, the proxy runs on a single-threaded
+    /// runtime: no work-stealing bookkeeping and no cross-thread wake-ups on the path of every event.
+    pub workers: Option<usize>,
     /// Where to serve Prometheus `/metrics`; none by default.
     pub metrics_listen: Option<SocketAddr>,
     /// Base OTLP endpoint; none by default (then `OTEL_EXPORTER_OTLP_ENDPOINT` is honoured if set).
@@ -289,6 +294,8 @@ pub struct Overrides {
     pub drain_timeout: Option<String>,
     /// `--max-streams`
     pub max_streams: Option<String>,
+    /// `--workers`
+    pub workers: Option<String>,
     /// `--metrics-listen`
     pub metrics_listen: Option<String>,
     /// `--otlp-endpoint`
@@ -329,6 +336,7 @@ struct RawStream {
 struct RawServer {
     drain_timeout: Option<String>,
     max_streams: Option<i64>,
+    workers: Option<i64>,
     metrics_listen: Option<String>,
 }
 
@@ -393,6 +401,13 @@ struct RawRoute {
 pub const DEFAULT_POOL: &str = "default";
 
 impl Config {
+    /// The runtime worker threads to start: `workers` if set, else one per CPU the process may use.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     /// Load `path` (if any), apply the command-line overrides, and validate.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let raw = match path {
@@ -437,6 +452,18 @@ impl Config {
         let _ = writeln!(w, "\n[server]");
         let _ = writeln!(w, "drain_timeout = {:?}", d(self.drain_timeout));
         let _ = writeln!(w, "max_streams = {}", self.max_streams);
+        match self.workers {
+            Some(n) => {
+                let _ = writeln!(w, "workers = {n}");
+            }
+            None => {
+                let _ = writeln!(
+                    w,
+                    "# workers: one per available CPU ({})",
+                    self.worker_threads()
+                );
+            }
+        }
         if let Some(m) = self.metrics_listen {
             let _ = writeln!(w, "metrics_listen = \"{m}\"");
         }
@@ -732,6 +759,17 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         }
         (None, Some(n)) => positive("server.max_streams", n, 10_000_000)? as usize,
         (None, None) => 10_000,
+    };
+    let workers = match (&o.workers, raw.server.workers) {
+        (Some(v), _) => {
+            let n: i64 = v
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::new("--workers", v, "not a whole number"))?;
+            Some(positive("--workers", n, 1024)? as usize)
+        }
+        (None, Some(n)) => Some(positive("server.workers", n, 1024)? as usize),
+        (None, None) => None,
     };
     let metrics_listen = match (&o.metrics_listen, &raw.server.metrics_listen) {
         (Some(v), _) => Some(socket_addr("--metrics-listen", v)?),
@@ -1081,6 +1119,7 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         defaults,
         drain_timeout,
         max_streams,
+        workers,
         metrics_listen,
         otlp_endpoint,
         otlp_protocol,
@@ -1168,6 +1207,40 @@ mod tests {
         // The printed config parses back to the same thing.
         let again = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn workers_from_file_or_flag_else_one_per_cpu() {
+        let base = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nendpoints = [\"http://a\"]\n[[routes]]\npool = \"p\"\n";
+        let c = Config::from_toml(base).unwrap();
+        assert_eq!(c.workers, None);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.worker_threads(), cpus);
+        assert!(c.to_toml().contains("# workers: one per available CPU"));
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+
+        let text = format!("[server]\nworkers = 1\n{base}");
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!((c.workers, c.worker_threads()), (Some(1), 1));
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        let o = Overrides {
+            workers: Some("4".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::from_toml_with(&text, &o).unwrap().worker_threads(),
+            4
+        );
+
+        let e = Config::from_toml(&format!("[server]\nworkers = 0\n{base}")).unwrap_err();
+        assert_eq!((e.key(), e.value()), ("server.workers", "0"));
+        assert!(e.reason().contains("between 1 and 1024"), "{e}");
+        let o = Overrides {
+            workers: Some("two".into()),
+            ..Overrides::default()
+        };
+        let e = Config::from_toml_with(base, &o).unwrap_err();
+        assert_eq!((e.key(), e.value()), ("--workers", "two"));
     }
 
     #[test]
