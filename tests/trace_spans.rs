@@ -591,12 +591,26 @@ async fn wrapper_forwards_size_hint_and_is_end_stream() {
     assert_eq!(frame.into_data().unwrap(), "overloaded");
     assert!(body.is_end_stream());
     assert_eq!(body.size_hint().exact(), Some(0));
-    // is_end_stream() right after the frame is the end: hyper will not poll again.
+    // is_end_stream() right after the frame is the end: hyper (and streamgate's own server) will not
+    // poll again but write the frame and drop the body. The request is finished then, as complete,
+    // after the last frame went out rather than in front of it.
+    let handed_out = std::time::SystemTime::now();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    drop(body);
     let req = otel.span("POST");
     let stream = otel.span("POST stream");
     assert_eq!(attr_str(&req, "error.type"), "503");
     assert!(matches!(req.status, Status::Error { .. }));
     assert_eq!(attr_str(&stream, "streamgate.end_reason"), "complete");
+    // Stamped with the instant the last frame was handed out, not the later drop.
+    assert!(
+        stream.end_time <= handed_out,
+        "stream span ended at the drop, {:?} after the last frame",
+        stream
+            .end_time
+            .duration_since(handed_out)
+            .unwrap_or_default()
+    );
     assert_eq!(attr_i64(&stream, "streamgate.bytes"), 10);
     assert_eq!(
         attr_i64(&stream, "streamgate.events"),

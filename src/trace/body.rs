@@ -59,6 +59,12 @@ pub(crate) struct Tracker {
     start: Instant,
     start_sys: SystemTime,
     first_byte: Option<(Instant, SystemTime)>,
+    /// The first byte was handed out and its bookkeeping (metric, spans) is still to do: it is done
+    /// once the byte is on its way (the next poll, or the end), not in front of it.
+    first_byte_pending: bool,
+    /// The body ended with the frame handed out at this instant; the request is finished (spans,
+    /// metrics, access line) at the next poll or on drop, so that the last frame is written first.
+    complete_at: Option<Instant>,
     method: Method,
     path: String,
     route: Option<String>,
@@ -118,6 +124,8 @@ impl Tracker {
             start,
             start_sys,
             first_byte: None,
+            first_byte_pending: false,
+            complete_at: None,
             method,
             path,
             route: None,
@@ -199,7 +207,8 @@ impl Tracker {
             return;
         }
         if self.first_byte.is_none() {
-            self.on_first_byte();
+            self.first_byte = Some((Instant::now(), SystemTime::now()));
+            self.first_byte_pending = true;
         }
         self.bytes += data.len() as u64;
         self.chunks += 1;
@@ -208,13 +217,28 @@ impl Tracker {
         }
     }
 
-    fn on_first_byte(&mut self) {
-        let now = Instant::now();
+    /// Work left over from the frames handed out since the last poll: the first byte's bookkeeping,
+    /// and the end of the request if the body ended with the last frame.
+    fn catch_up(&mut self) {
+        self.settle_first_byte();
+        if self.complete_at.is_some() {
+            self.finish(EndReason::Complete);
+        }
+    }
+
+    /// The first byte's bookkeeping: the time-to-first-byte metric, the end of the request span and
+    /// the start of the stream span, all stamped with the instant the byte was handed out.
+    fn settle_first_byte(&mut self) {
+        if !std::mem::take(&mut self.first_byte_pending) {
+            return;
+        }
+        let Some((now, _)) = self.first_byte else {
+            return;
+        };
         let ttfb = now.saturating_duration_since(self.start);
         if let Some(m) = &self.metrics {
             m.first_byte(ttfb);
         }
-        let mut stream_sys = SystemTime::now();
         if let Some(req) = self.request_span.take() {
             end_span(&req, self.start_sys + ttfb);
             if !req.is_disabled() {
@@ -236,11 +260,9 @@ impl Tracker {
                     streamgate.end_reason = Empty,
                     error.type = Empty,
                 );
-                stream_sys = SystemTime::now();
                 self.stream_span = Some(stream);
             }
         }
-        self.first_byte = Some((now, stream_sys));
     }
 
     fn events(&self) -> u64 {
@@ -258,9 +280,14 @@ impl Tracker {
             return;
         }
         self.ended = true;
+        self.settle_first_byte();
+        // A body that ended with its last frame completed, whoever drops it afterwards.
+        let (default, now) = match self.complete_at.take() {
+            Some(at) => (EndReason::Complete, at),
+            None => (default, Instant::now()),
+        };
         self.info.record_end(default);
         let reason = self.info.end_reason().unwrap_or(default);
-        let now = Instant::now();
         let total = now.saturating_duration_since(self.start);
         let failed = reason != EndReason::Complete;
         let status_error = failed && reason.source() != ErrorSource::Downstream;
@@ -437,6 +464,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let tracker = this.tracker;
+        tracker.catch_up();
         if tracker.is_ended() {
             return this.inner.poll_frame(cx).map_err(Into::into);
         }
@@ -459,7 +487,7 @@ where
                     }
                 }
                 if this.inner.is_end_stream() {
-                    tracker.finish(EndReason::Complete);
+                    tracker.complete_at = Some(Instant::now());
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
