@@ -287,32 +287,37 @@ impl Conn {
                     return Read::Request(head.take().expect("checked above"));
                 }
             }
-            if self.pending.is_empty() {
+            let read = if self.pending.is_empty() {
                 tokio::select! {
                     biased;
                     _ = graceful.cancelled() => return Read::Close,
-                    r = self.io.readable() => if r.is_err() { return Read::Close },
+                    r = poll_fn(|cx| self.poll_read_pending(cx)) => r,
                 }
-            } else if self.io.readable().await.is_err() {
-                return Read::Close;
-            }
-            match self.try_read_pending() {
-                Ok(0) => return Read::Close,
+            } else {
+                poll_fn(|cx| self.poll_read_pending(cx)).await
+            };
+            match read {
+                Ok(0) | Err(_) => return Read::Close,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Read::Close,
             }
         }
     }
 
-    /// One read of what the socket holds now, appended to `pending`. The read lands on the stack (this
-    /// is not async, so the buffer is never part of the connection's future) and only what came is
-    /// kept: a request head of a few hundred bytes costs that much, not a 4 KiB buffer per request.
-    fn try_read_pending(&mut self) -> io::Result<usize> {
-        let mut buf = [0u8; 4096];
-        let n = self.io.try_read(&mut buf)?;
-        self.pending.extend_from_slice(&buf[..n]);
-        Ok(n)
+    /// One read, appended to `pending`. The read lands on the stack (this is not async, so the buffer
+    /// is never part of the connection's future) and only what came is kept: a request head of a few
+    /// hundred bytes costs that much, not a 4 KiB buffer per request. Through `poll_read`, which takes
+    /// a short read to mean the socket is drained (`try_read` keeps the readiness until a read fails):
+    /// the disconnect watch armed right after a request then costs no `recv` that returns `EAGAIN`.
+    fn poll_read_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut buf);
+        ready!(tokio::io::AsyncRead::poll_read(
+            Pin::new(&mut self.io),
+            cx,
+            &mut rb
+        ))?;
+        self.pending.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
     }
 
     /// Drop `n` used bytes. What is left (a pipelined request) moves to an exactly-sized buffer, so
@@ -332,19 +337,14 @@ impl Conn {
             return Poll::Pending;
         }
         loop {
-            if ready!(self.io.poll_read_ready(cx)).is_err() {
-                return Poll::Ready(());
-            }
-            match self.try_read_pending() {
-                Ok(0) => return Poll::Ready(()),
+            match ready!(self.poll_read_pending(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) => {
                     if self.pending.len() >= MAX_HEAD {
                         self.watch = false;
                         return Poll::Pending;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Poll::Ready(()),
             }
         }
     }
