@@ -273,7 +273,7 @@ async fn single_threaded_runtime_streams_cancels_and_drains() {
     assert_eq!(runtime_workers(child.0.id()), 3);
     drop(child);
 
-    let (mut child, addr) =
+    let (child, addr) =
         spawn_proxy_binary_with(up.addr, &["--workers", "1", "--drain-timeout", "200ms"]);
     assert_eq!(
         runtime_workers(child.0.id()),
@@ -315,15 +315,16 @@ async fn single_threaded_runtime_streams_cancels_and_drains() {
         !terminated,
         "a stream cut by the drain deadline ended cleanly"
     );
-    let status = within("exit after SIGTERM", async {
-        loop {
-            if let Some(st) = child.0.try_wait().unwrap() {
-                return st;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let status = within(
+        "exit after SIGTERM",
+        tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            child.0.wait()
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 

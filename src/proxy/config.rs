@@ -627,6 +627,26 @@ fn socket_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// A count given as a flag (text) or in the file (an integer), the flag first: between 1 and `max`.
+fn count(
+    (flag_key, flag): (&str, &Option<String>),
+    (file_key, file): (&str, Option<i64>),
+    max: i64,
+) -> Result<Option<usize>, ConfigError> {
+    let n = match (flag, file) {
+        (Some(v), _) => {
+            let n: i64 = v
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::new(flag_key, v, "not a whole number"))?;
+            positive(flag_key, n, max)?
+        }
+        (None, Some(n)) => positive(file_key, n, max)?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(n as usize))
+}
+
 fn positive(key: &str, v: i64, max: i64) -> Result<i64, ConfigError> {
     if v < 1 || v > max {
         return Err(ConfigError::new(
@@ -749,28 +769,17 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         (None, Some(v)) => duration("server.drain_timeout", v)?,
         (None, None) => Duration::from_secs(30),
     };
-    let max_streams = match (&o.max_streams, raw.server.max_streams) {
-        (Some(v), _) => {
-            let n: i64 = v
-                .trim()
-                .parse()
-                .map_err(|_| ConfigError::new("--max-streams", v, "not a whole number"))?;
-            positive("--max-streams", n, 10_000_000)? as usize
-        }
-        (None, Some(n)) => positive("server.max_streams", n, 10_000_000)? as usize,
-        (None, None) => 10_000,
-    };
-    let workers = match (&o.workers, raw.server.workers) {
-        (Some(v), _) => {
-            let n: i64 = v
-                .trim()
-                .parse()
-                .map_err(|_| ConfigError::new("--workers", v, "not a whole number"))?;
-            Some(positive("--workers", n, 1024)? as usize)
-        }
-        (None, Some(n)) => Some(positive("server.workers", n, 1024)? as usize),
-        (None, None) => None,
-    };
+    let max_streams = count(
+        ("--max-streams", &o.max_streams),
+        ("server.max_streams", raw.server.max_streams),
+        10_000_000,
+    )?
+    .unwrap_or(10_000);
+    let workers = count(
+        ("--workers", &o.workers),
+        ("server.workers", raw.server.workers),
+        1024,
+    )?;
     let metrics_listen = match (&o.metrics_listen, &raw.server.metrics_listen) {
         (Some(v), _) => Some(socket_addr("--metrics-listen", v)?),
         (None, Some(v)) => Some(socket_addr("server.metrics_listen", v)?),
