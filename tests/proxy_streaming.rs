@@ -270,6 +270,11 @@ async fn single_threaded_runtime_streams_cancels_and_drains() {
     .await;
 
     let (child, _) = spawn_proxy_binary_with(up.addr, &["--workers", "3"]);
+    // A thread names itself once it runs: the count may lag the listening socket by a moment.
+    let deadline = Instant::now() + T;
+    while runtime_workers(child.0.id()) < 3 && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
     assert_eq!(runtime_workers(child.0.id()), 3);
     drop(child);
 
