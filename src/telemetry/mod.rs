@@ -29,6 +29,7 @@
 //! rejected at startup). [`Telemetry::shutdown`] flushes, bounded by a timeout.
 
 mod export;
+mod format;
 mod logwriter;
 mod prometheus;
 mod serve;
@@ -228,6 +229,7 @@ impl Telemetry {
             !(m.is_span() && matches!(m.target(), "streamgate::request" | "streamgate::stream"))
         }));
         let fmt = tracing_subscriber::fmt::layer()
+            .event_format(format::LineFormat::default())
             .with_writer(writer)
             .with_ansi(ansi)
             .with_filter(fmt_filter);
