@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 use super::http1::list_has;
@@ -28,6 +28,11 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Returns whether the removed `TE` asked for trailers (when `check_te` is set), so the caller can send
 /// `TE: trailers` on to HTTP/2 upstreams, which (like gRPC) rely on it.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
+    // Most messages have none (and a header named in `Connection` needs a `Connection`): one pass
+    // over the names instead of nine hashed removals on every request and every response.
+    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return false;
+    }
     // Headers named in Connection: collected first, removed after (no allocation when there is none).
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -48,23 +53,59 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
 
 /// Append `value` to a comma-separated list header, or set it (`insert` replaces every earlier value).
 fn append_list(h: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match h.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {value}"),
-        _ => value.to_string(),
-    };
-    // From the `String` itself: no second copy.
-    if let Ok(v) = HeaderValue::try_from(joined) {
-        h.insert(name, v);
+    match h.entry(name) {
+        Entry::Occupied(mut e) => {
+            let joined = match e.get().to_str() {
+                Ok(prev) if !prev.trim().is_empty() => format!("{prev}, {value}"),
+                _ => value.to_owned(),
+            };
+            // From the `String` itself: no second copy.
+            if let Ok(v) = HeaderValue::try_from(joined) {
+                e.insert(v);
+            }
+        }
+        Entry::Vacant(e) => {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                e.insert(v);
+            }
+        }
     }
 }
 
 /// Set `name` to a static `value` when the request has none (no allocation), else append to its list.
 fn append_static(h: &mut HeaderMap, name: HeaderName, value: &'static str) {
-    if h.contains_key(&name) {
-        append_list(h, name, value);
-    } else {
-        h.insert(name, HeaderValue::from_static(value));
+    match h.entry(&name) {
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(value));
+        }
+        Entry::Occupied(_) => append_list(h, name, value),
     }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// An IPv4 address in dotted decimal, in `buf` (`Display` goes through `core::fmt` twice per octet).
+fn ipv4(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut len = 0;
+    for (i, o) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if o >= 100 {
+            buf[len] = b'0' + o / 100;
+            len += 1;
+        }
+        if o >= 10 {
+            buf[len] = b'0' + o / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + o % 10;
+        len += 1;
+    }
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// What the forwarding headers describe about the client's request.
@@ -78,14 +119,13 @@ pub(crate) struct Forwarded<'a> {
 
 /// Append `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
 pub(crate) fn add_forwarding(h: &mut HeaderMap, f: &Forwarded<'_>) {
-    append_list(
-        h,
-        HeaderName::from_static("x-forwarded-for"),
-        &f.client_ip.to_string(),
-    );
-    append_static(h, HeaderName::from_static("x-forwarded-proto"), f.proto);
+    match f.client_ip {
+        IpAddr::V4(ip) => append_list(h, X_FORWARDED_FOR, ipv4(ip, &mut [0; 15])),
+        IpAddr::V6(ip) => append_list(h, X_FORWARDED_FOR, &ip.to_string()),
+    }
+    append_static(h, X_FORWARDED_PROTO, f.proto);
     if let Some(host) = f.host {
-        append_list(h, HeaderName::from_static("x-forwarded-host"), host);
+        append_list(h, X_FORWARDED_HOST, host);
     }
     let via = match f.version {
         Version::HTTP_09 => "0.9 streamgate",
@@ -128,6 +168,24 @@ mod tests {
         h2.insert(header::TE, HeaderValue::from_static("gzip"));
         assert!(!strip_hop_by_hop(&mut h2, true));
         assert!(h2.is_empty());
+    }
+
+    #[test]
+    fn ipv4_addresses_print_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.200.9.99",
+            "255.255.255.255",
+            "1.10.100.101",
+        ] {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            assert_eq!(ipv4(ip, &mut [0; 15]), ip.to_string());
+        }
+        for n in (0..=u32::MAX).step_by(65_521) {
+            let ip = std::net::Ipv4Addr::from(n);
+            assert_eq!(ipv4(ip, &mut [0; 15]), ip.to_string());
+        }
     }
 
     #[test]

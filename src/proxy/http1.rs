@@ -73,9 +73,13 @@ impl std::fmt::Display for BadHeader {
     }
 }
 
-/// The header lines of a parsed head as a `HeaderMap`, in order.
-pub(crate) fn header_map(lines: &[httparse::Header<'_>]) -> Result<HeaderMap, BadHeader> {
-    let mut headers = HeaderMap::with_capacity(lines.len());
+/// The header lines of a parsed head as a `HeaderMap`, in order, with room for `spare` more (the
+/// headers the proxy adds), so that adding them does not grow the map.
+pub(crate) fn header_map(
+    lines: &[httparse::Header<'_>],
+    spare: usize,
+) -> Result<HeaderMap, BadHeader> {
+    let mut headers = HeaderMap::with_capacity(lines.len() + spare);
     for h in lines {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| BadHeader::Name(h.name.to_owned()))?;

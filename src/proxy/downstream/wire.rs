@@ -159,7 +159,8 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<Parsed>, Reject> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let headers = header_map(r.headers).map_err(|e| match e {
+    // Room for X-Forwarded-For, -Proto, -Host and Via.
+    let headers = header_map(r.headers, 4).map_err(|e| match e {
         BadHeader::Name(_) => bad("a request header name is not valid"),
         BadHeader::Value(_) => bad("a request header value is not valid"),
     })?;
