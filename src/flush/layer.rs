@@ -150,9 +150,9 @@ fn anti_buffering<B: Body>(head: bool, res: &mut Response<B>) {
     let headers = res.headers_mut();
     match kind {
         StreamKind::EventStream | StreamKind::Ndjson => {
-            if !headers.contains_key(X_ACCEL_BUFFERING) {
-                headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
-            }
+            headers
+                .entry(X_ACCEL_BUFFERING)
+                .or_insert(HeaderValue::from_static("no"));
             merge_cache_control(headers);
             if kind == StreamKind::EventStream {
                 headers.remove(header::CONTENT_LENGTH);

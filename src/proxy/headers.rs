@@ -11,6 +11,7 @@ use super::http1::list_has;
 /// Headers that describe one connection and never cross a proxy (RFC 9110 §7.6.1), plus the `Proxy-*` ones.
 /// As `HeaderName`s: a `&str` key is parsed and classified again on every lookup (twice per request, for
 /// each of the nine).
+/// `Connection` first: [`strip_hop_by_hop`] relies on it.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -28,25 +29,35 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Returns whether the removed `TE` asked for trailers (when `check_te` is set), so the caller can send
 /// `TE: trailers` on to HTTP/2 upstreams, which (like gRPC) rely on it.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
-    // Most messages have none (and a header named in `Connection` needs a `Connection`): one pass
-    // over the names instead of nine hashed removals on every request and every response.
-    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // One pass over the names marks the ones present: most requests have none, and most responses
+    // only `Transfer-Encoding`, so nine hashed removals on every message become one or none.
+    let mut present = 0u16;
+    for n in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|x| x == n) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return false;
     }
-    // Headers named in Connection: collected first, removed after (no allocation when there is none).
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    // Headers named in Connection (index 0): collected first, removed after.
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
     let te_trailers = check_te && list_has(h, header::TE, "trailers");
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
     te_trailers
 }
