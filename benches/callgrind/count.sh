@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Instructions the proxy runs per request, and on the head path, counted by callgrind: exact and
+# repeatable on a shared, noisy machine where timings are not. Needs valgrind (and nginx to compare).
+#
+#   benches/callgrind/count.sh streamgate|nginx
+#
+# Per request: two runs of N1 and N2 sequential keep-alive requests (after a warm-up of 200); the
+# difference of their totals over N2 - N1. Per event: the same with EV=3 and EV=23 events per answer,
+# each of the 20 more read and relayed on its own. Head path: from the start of parsing the upstream's
+# response head to the client `writev` that carries it (--zero-before / --dump-before), the median
+# over the requests.
+# nginx closes a keep-alive connection after 1,000 requests, hence the small N.
+set -u
+who=${1:-streamgate}
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${STREAMGATE_BIN:-$here/../../target/release/streamgate}
+dir=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
+up=19101
+px=19102
+python3 "$here/load.py" serve $up &
+nginx_conf() {
+  mkdir -p "$dir/ngx"
+  cat > "$dir/ngx/nginx.conf" <<NG
+worker_processes 1; daemon off; master_process off; pid $dir/ngx/nginx.pid;
+error_log $dir/ngx/error.log warn;
+events { worker_connections 1000; }
+http { access_log $dir/ngx/access.log; client_body_temp_path $dir/ngx/cb; proxy_temp_path $dir/ngx/pt;
+ upstream up { server 127.0.0.1:$up; keepalive 256; }
+ server { listen 127.0.0.1:$px; location / { proxy_pass http://up; proxy_http_version 1.1;
+   proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 3600s; } } }
+NG
+}
+# run OUT N [valgrind options...]: the proxy under callgrind, a warm-up and N requests; prints the total.
+run() {
+  local out=$1 n=$2
+  shift 2
+  if [ "$who" = nginx ]; then
+    nginx_conf
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" \
+      nginx -p "$dir/ngx" -e "$dir/ngx/error.log" -c "$dir/ngx/nginx.conf" 2>"$out.log" &
+  else
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" \
+      "$bin" --listen 127.0.0.1:$px --upstream http://127.0.0.1:$up --workers 1 >/dev/null 2>"$out.log" &
+  fi
+  local pid=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$px) 2>/dev/null && break; sleep 0.2; done
+  python3 "$here/load.py" client $px 200 && python3 "$here/load.py" client $px "$n"
+  kill -TERM $pid
+  wait $pid
+  sed -n 's/.*Collected : //p' "$out.log"
+}
+a=$(run "$dir/a" 300); b=$(run "$dir/b" 900)
+echo "$who: $(( (b - a) / 600 )) instructions per request (3 events, one read)"
+a=$(EV=3 run "$dir/c" 200); b=$(EV=23 run "$dir/d" 200)
+echo "$who: $(( (b - a) / 8000 )) instructions per event read and relayed on its own"
+if [ "$who" = nginx ]; then parse=ngx_http_parse_status_line; mark=parse_status_line; else
+  parse='httparse::Response::parse_with_config_and_uninit_headers'; mark=Response::parse_with; fi
+mkdir -p "$dir/seg"
+run "$dir/seg/cg" 60 --zero-before="$parse" --dump-before=writev >/dev/null
+# The first dump after each zero is the head path; it is the one that holds the parse.
+for f in "$dir"/seg/cg.*; do
+  case $f in *.log) continue ;; esac
+  grep -q "$mark" "$f" || continue
+  sed -n 's/^summary: //p' "$f"
+done | sort -n | awk '{v[NR]=$1} END {print "'"$who"': " v[int((NR+1)/2)] " instructions on the head path (median of " NR ")"}'
