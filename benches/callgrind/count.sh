@@ -16,8 +16,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 bin=${STREAMGATE_BIN:-$here/../../target/release/streamgate}
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
-up=19101
-px=19102
+# Two free ports, picked by the kernel.
+read -r up px < <(python3 -c 'import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))')
 python3 "$here/load.py" serve $up &
 nginx_conf() {
   mkdir -p "$dir/ngx"
