@@ -415,14 +415,14 @@ pin_project! {
     pub struct StreamTraceBody<B> {
         // Declared before `inner` so that, on drop, the request is finished before the inner body is
         // dropped (an observer of the inner body's drop then sees the final counters).
-        tracker: Tracker,
+        tracker: Box<Tracker>,
         #[pin]
         inner: B,
     }
 }
 
 impl<B> StreamTraceBody<B> {
-    pub(crate) fn new(inner: B, tracker: Tracker) -> Self {
+    pub(crate) fn new(inner: B, tracker: Box<Tracker>) -> Self {
         Self { tracker, inner }
     }
 
