@@ -40,22 +40,31 @@ pin_project! {
             // `None` once the stream ended, failed or was cut: the upstream body is dropped right then.
             #[pin]
             inner: Option<B>,
-            // Armed for `last + idle_after` at the latest; frames only move `last`, and a timer that
-            // fires early is re-armed then (one timer operation per period, not one per frame).
-            #[pin]
-            idle: Sleep,
+            // The two timers, boxed: a `Sleep` is 112 bytes, and the body moves through every outer
+            // layer before it is boxed for good.
+            timers: Pin<Box<Timers>>,
             idle_after: Duration,
             // When the last upstream frame arrived (the stream's start before the first).
             last: Instant,
-            // Present only for responses that may receive keepalives.
-            #[pin]
-            keepalive: Option<Sleep>,
             state: Option<Keepalive>,
             info: StreamInfo,
         },
         Fixed {
             data: Option<Bytes>,
         },
+    }
+}
+
+pin_project! {
+    /// The timers of a stream.
+    struct Timers {
+        // Armed for `last + idle_after` at the latest; frames only move `last`, and a timer that
+        // fires early is re-armed then (one timer operation per period, not one per frame).
+        #[pin]
+        idle: Sleep,
+        // Present only for responses that may receive keepalives.
+        #[pin]
+        keepalive: Option<Sleep>,
     }
 }
 
@@ -145,10 +154,12 @@ impl<B> IdleTimeoutBody<B> {
         Self {
             kind: Kind::Stream {
                 inner: Some(inner),
-                idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
+                timers: Box::pin(Timers {
+                    idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
+                    keepalive: sleep,
+                }),
                 idle_after,
                 last: now,
-                keepalive: sleep,
                 state,
                 info,
             },
@@ -205,13 +216,22 @@ where
             KindProj::Fixed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Stream {
                 inner,
-                idle,
+                timers,
                 idle_after,
                 last,
-                keepalive,
                 state,
                 info,
-            } => poll_stream(cx, inner, (idle, *idle_after, last), keepalive, state, info),
+            } => {
+                let timers = timers.as_mut().project();
+                poll_stream(
+                    cx,
+                    inner,
+                    (timers.idle, *idle_after, last),
+                    timers.keepalive,
+                    state,
+                    info,
+                )
+            }
         }
     }
 
