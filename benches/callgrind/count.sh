@@ -4,24 +4,30 @@
 #
 #   benches/callgrind/count.sh streamgate|nginx
 #
-# Per request: two runs of N1 and N2 sequential keep-alive requests (after a warm-up of 200); the
-# difference of their totals over N2 - N1. Per event: the same with EV=3 and EV=23 events per answer,
-# each of the 20 more read and relayed on its own. Head path: from the start of parsing the upstream's
-# response head to the client `writev` that carries it (--zero-before / --dump-before), the median
-# over the requests.
+# Per request: two runs of N1 and N2 sequential keep-alive requests (after a warm-up of 200), each
+# answered with the head and an event, then two events and the last chunk 2 ms later; the
+# difference of their totals over N2 - N1. Per event: answers of 23 events against 3, every event
+# and the last chunk written on its own (SEP=1), so that each of the 20 more is read and relayed on
+# its own; the difference over the 8,000 more events. Head path: from the start of parsing the
+# upstream's response head to the client `writev` that carries it and the first event
+# (--zero-before / --dump-before), the median over the requests.
 # nginx closes a keep-alive connection after 1,000 requests, hence the small N.
 set -u
 who=${1:-streamgate}
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${STREAMGATE_BIN:-$here/../../target/release/streamgate}
 dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
+# Every process started is listed in $dir/pids (the proxies start in command substitutions, where
+# `jobs` cannot see them), and stopped on exit, Ctrl-C included.
+trap 'kill $(cat "$dir/pids" 2>/dev/null) 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'exit 130' INT TERM
 # Two free ports, picked by the kernel.
 read -r up px < <(python3 -c 'import socket
 s = [socket.socket() for _ in range(2)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(*(x.getsockname()[1] for x in s))')
-python3 "$here/load.py" serve $up &
+python3 -B "$here/load.py" serve $up &
+echo $! >> "$dir/pids"
 nginx_conf() {
   mkdir -p "$dir/ngx"
   cat > "$dir/ngx/nginx.conf" <<NG
@@ -47,20 +53,33 @@ run() {
       "$bin" --listen 127.0.0.1:$px --upstream http://127.0.0.1:$up --workers 1 >/dev/null 2>"$out.log" &
   fi
   local pid=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$px) 2>/dev/null && break; sleep 0.2; done
-  python3 "$here/load.py" client $px 200 && python3 "$here/load.py" client $px "$n"
+  echo $pid >> "$dir/pids"
+  local up_=0
+  for _ in $(seq 150); do
+    if (exec 3<>/dev/tcp/127.0.0.1/$px) 2>/dev/null; then up_=1; break; fi
+    sleep 0.2
+  done
+  local ok=0
+  [ $up_ = 1 ] && python3 -B "$here/load.py" client $px 200 && python3 -B "$here/load.py" client $px "$n" && ok=1
   kill -TERM $pid
   wait $pid
+  if [ $ok != 1 ]; then
+    echo "count.sh: the $who run of $n requests failed; the end of its log:" >&2
+    tail -5 "$out.log" >&2
+    return 1
+  fi
   sed -n 's/.*Collected : //p' "$out.log"
 }
-a=$(run "$dir/a" 300); b=$(run "$dir/b" 900)
-echo "$who: $(( (b - a) / 600 )) instructions per request (3 events, one read)"
-a=$(EV=3 run "$dir/c" 200); b=$(EV=23 run "$dir/d" 200)
+a=$(run "$dir/a" 300) || exit 1
+b=$(run "$dir/b" 900) || exit 1
+echo "$who: $(( (b - a) / 600 )) instructions per request (3 events in two reads)"
+a=$(SEP=1 EV=3 run "$dir/c" 200) || exit 1
+b=$(SEP=1 EV=23 run "$dir/d" 200) || exit 1
 echo "$who: $(( (b - a) / 8000 )) instructions per event read and relayed on its own"
 if [ "$who" = nginx ]; then parse=ngx_http_parse_status_line; mark=parse_status_line; else
   parse='httparse::Response::parse_with_config_and_uninit_headers'; mark=Response::parse_with; fi
 mkdir -p "$dir/seg"
-run "$dir/seg/cg" 60 --zero-before="$parse" --dump-before=writev >/dev/null
+run "$dir/seg/cg" 60 --zero-before="$parse" --dump-before=writev >/dev/null || exit 1
 # The first dump after each zero is the head path; it is the one that holds the parse.
 for f in "$dir"/seg/cg.*; do
   case $f in *.log) continue ;; esac

@@ -3,9 +3,10 @@
   load.py serve UPSTREAM_PORT              upstream: every request gets a short SSE answer
   load.py client PROXY_PORT N              N requests, one after another, on one connection
 
-Each answer is the head and one event in one write, then EV - 1 more events (the client asks for
-EV, from its environment, default 3): with EV = 3 they follow in one write, with more each comes
-2 ms after the one before, so that the proxy reads and relays it on its own.
+Each answer is the head and one event in one write, then EV - 1 more events (at least 2; the
+client asks for EV, from its environment, default 3) and the last chunk. By default these follow
+in one write 2 ms later; with SEP=1 in the client's environment each event, and then the last
+chunk, comes 2 ms after the one before, so that the proxy reads and relays each on its own.
 """
 import os
 import re
@@ -17,6 +18,7 @@ import time
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
         b"transfer-encoding: chunked\r\n\r\n")
 EV = int(os.environ.get("EV", "3"))
+SEP = os.environ.get("SEP") == "1"
 
 
 def event(i):
@@ -33,16 +35,21 @@ def answer(c):
         buf += d
         while b"\r\n\r\n" in buf:
             head, buf = buf.split(b"\r\n\r\n", 1)
-            m = re.search(rb"[?&]ev=(\d+)", head.split(b"\r\n", 1)[0])
-            ev = int(m.group(1)) if m else 3
+            line = head.split(b"\r\n", 1)[0]
+            m = re.search(rb"[?&]ev=(\d+)", line)
+            ev = max(int(m.group(1)) if m else 3, 3)
             c.sendall(HEAD + event(0))
-            if ev > 3:
+            if re.search(rb"[?&]sep=1", line):
                 for i in range(1, ev):
                     time.sleep(0.002)
                     c.sendall(event(i))
+                time.sleep(0.002)
                 c.sendall(b"0\r\n\r\n")
             else:
-                c.sendall(event(1) + event(2) + b"0\r\n\r\n")
+                # 2 ms apart, so that the proxy always reads the two writes apart: counts that
+                # depend on how reads happen to coalesce would not repeat.
+                time.sleep(0.002)
+                c.sendall(b"".join(event(i) for i in range(1, ev)) + b"0\r\n\r\n")
 
 
 def serve(port):
@@ -60,8 +67,8 @@ def client(port, n):
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for i in range(n):
-        s.sendall(b"GET /v1/x?i=%d&ev=%d HTTP/1.1\r\nhost: loadtest\r\naccept: text/event-stream\r\n\r\n"
-                  % (i, EV))
+        target = b"/v1/x?i=%d&ev=%d%s" % (i, EV, b"&sep=1" if SEP else b"")
+        s.sendall(b"GET %s HTTP/1.1\r\nhost: loadtest\r\naccept: text/event-stream\r\n\r\n" % target)
         buf = b""
         while not buf.endswith(b"0\r\n\r\n"):
             d = s.recv(65536)
