@@ -602,7 +602,20 @@ async fn wrapper_forwards_size_hint_and_is_end_stream() {
     assert_eq!(attr_str(&req, "error.type"), "503");
     assert!(matches!(req.status, Status::Error { .. }));
     assert_eq!(attr_str(&stream, "streamgate.end_reason"), "complete");
-    // Stamped with the instant the last frame was handed out, not the later drop.
+    // Stamped with the instant the last frame was handed out, not the later drop; and it starts at the
+    // first byte, before it ends.
+    assert!(
+        stream.start_time <= stream.end_time,
+        "stream span ends {:?} before it starts",
+        stream
+            .start_time
+            .duration_since(stream.end_time)
+            .unwrap_or_default()
+    );
+    assert!(
+        stream.start_time <= handed_out,
+        "the stream span starts at the first byte, not when its bookkeeping runs"
+    );
     assert!(
         stream.end_time <= handed_out,
         "stream span ended at the drop, {:?} after the last frame",

@@ -207,8 +207,7 @@ impl Tracker {
             return;
         }
         if self.first_byte.is_none() {
-            self.first_byte = Some((Instant::now(), SystemTime::now()));
-            self.first_byte_pending = true;
+            self.start_stream();
         }
         self.bytes += data.len() as u64;
         self.chunks += 1;
@@ -226,8 +225,39 @@ impl Tracker {
         }
     }
 
-    /// The first byte's bookkeeping: the time-to-first-byte metric, the end of the request span and
-    /// the start of the stream span, all stamped with the instant the byte was handed out.
+    /// The first byte is handed out: the stream span starts now. It is created here, in front of the
+    /// byte, because a span's start is the instant it is created (tracing-opentelemetry takes no other);
+    /// the rest of the first byte's bookkeeping waits for [`settle_first_byte`](Self::settle_first_byte).
+    fn start_stream(&mut self) {
+        let now = Instant::now();
+        if let Some(req) = self.request_span.as_ref().filter(|r| !r.is_disabled()) {
+            let name = match &self.route {
+                Some(route) => format!("{} {} stream", otel_method(&self.method), route),
+                None => format!("{} stream", otel_method(&self.method)),
+            };
+            self.stream_span = Some(tracing::info_span!(
+                target: "streamgate::stream",
+                parent: req,
+                "stream",
+                otel.name = name.as_str(),
+                otel.kind = "internal",
+                otel.status_code = Empty,
+                streamgate.bytes = Empty,
+                streamgate.chunks = Empty,
+                streamgate.events = Empty,
+                streamgate.heartbeats = Empty,
+                streamgate.end_reason = Empty,
+                error.type = Empty,
+            ));
+        }
+        // Taken after the span exists, so that its end (this plus the monotonic time to the end) is
+        // never before its start.
+        self.first_byte = Some((now, SystemTime::now()));
+        self.first_byte_pending = true;
+    }
+
+    /// The first byte's bookkeeping, once it is on its way: the time-to-first-byte metric and the end
+    /// of the request span, stamped with the instant the byte was handed out.
     fn settle_first_byte(&mut self) {
         if !std::mem::take(&mut self.first_byte_pending) {
             return;
@@ -241,27 +271,6 @@ impl Tracker {
         }
         if let Some(req) = self.request_span.take() {
             end_span(&req, self.start_sys + ttfb);
-            if !req.is_disabled() {
-                let name = match &self.route {
-                    Some(route) => format!("{} {} stream", otel_method(&self.method), route),
-                    None => format!("{} stream", otel_method(&self.method)),
-                };
-                let stream = tracing::info_span!(
-                    target: "streamgate::stream",
-                    parent: &req,
-                    "stream",
-                    otel.name = name.as_str(),
-                    otel.kind = "internal",
-                    otel.status_code = Empty,
-                    streamgate.bytes = Empty,
-                    streamgate.chunks = Empty,
-                    streamgate.events = Empty,
-                    streamgate.heartbeats = Empty,
-                    streamgate.end_reason = Empty,
-                    error.type = Empty,
-                );
-                self.stream_span = Some(stream);
-            }
         }
     }
 
