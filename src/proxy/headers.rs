@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue, OccupiedEntry};
 use http::Version;
 
 use super::http1::list_has;
@@ -65,16 +65,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
 /// Append `value` to a comma-separated list header, or set it (`insert` replaces every earlier value).
 fn append_list(h: &mut HeaderMap, name: HeaderName, value: &str) {
     match h.entry(name) {
-        Entry::Occupied(mut e) => {
-            let joined = match e.get().to_str() {
-                Ok(prev) if !prev.trim().is_empty() => format!("{prev}, {value}"),
-                _ => value.to_owned(),
-            };
-            // From the `String` itself: no second copy.
-            if let Ok(v) = HeaderValue::try_from(joined) {
-                e.insert(v);
-            }
-        }
+        Entry::Occupied(e) => extend_list(e, value),
         Entry::Vacant(e) => {
             if let Ok(v) = HeaderValue::from_str(value) {
                 e.insert(v);
@@ -83,13 +74,25 @@ fn append_list(h: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
+/// Append `value` to the list the entry holds (its first value; the others go).
+fn extend_list(mut e: OccupiedEntry<'_, HeaderValue>, value: &str) {
+    let joined = match e.get().to_str() {
+        Ok(prev) if !prev.trim().is_empty() => format!("{prev}, {value}"),
+        _ => value.to_owned(),
+    };
+    // From the `String` itself: no second copy.
+    if let Ok(v) = HeaderValue::try_from(joined) {
+        e.insert(v);
+    }
+}
+
 /// Set `name` to a static `value` when the request has none (no allocation), else append to its list.
 fn append_static(h: &mut HeaderMap, name: HeaderName, value: &'static str) {
-    match h.entry(&name) {
+    match h.entry(name) {
         Entry::Vacant(e) => {
             e.insert(HeaderValue::from_static(value));
         }
-        Entry::Occupied(_) => append_list(h, name, value),
+        Entry::Occupied(e) => extend_list(e, value),
     }
 }
 
