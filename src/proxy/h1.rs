@@ -519,7 +519,7 @@ impl Default for ChunkState {
 fn decode_chunked(
     st: &mut ChunkState,
     input: &[u8],
-    out: &mut BytesMut,
+    out: &mut Vec<u8>,
 ) -> Result<usize, BodyError> {
     let bad = |what: &str| BodyError(format!("invalid chunked body from the upstream: {what}"));
     // After a size line: the chunk's data, or the trailer section after the last chunk.
@@ -634,22 +634,28 @@ impl H1Body {
     /// Decodes what one read brought into one frame's worth of bytes (empty when it held only
     /// framing), and ends the message when its framing says so.
     fn take(&mut self, input: &[u8]) -> Result<Bytes, BodyError> {
-        let mut out = BytesMut::with_capacity(input.len());
-        let (ended, used) = match self.framing {
-            Framing::Empty => (true, 0),
-            Framing::Eof => {
-                out.extend_from_slice(input);
-                (false, input.len())
-            }
+        let (out, ended, used) = match self.framing {
+            Framing::Empty => (Bytes::new(), true, 0),
+            Framing::Eof => (Bytes::copy_from_slice(input), false, input.len()),
             Framing::Length(left) => {
                 let n = (left as usize).min(input.len());
-                out.extend_from_slice(&input[..n]);
                 self.framing = Framing::Length(left - n as u64);
-                (left == n as u64, n)
+                (Bytes::copy_from_slice(&input[..n]), left == n as u64, n)
             }
             Framing::Chunked => {
-                let used = decode_chunked(&mut self.chunk, input, &mut out)?;
-                (self.chunk == ChunkState::Done, used)
+                // Decoded into a buffer kept by the thread, then copied into an exactly-sized frame:
+                // `Bytes` made from a `Vec` whose length is short of its capacity allocates a second
+                // block to share it, and frees both when the frame has been written.
+                let (out, used) = DECODED.with_borrow_mut(|buf| {
+                    buf.clear();
+                    let used = decode_chunked(&mut self.chunk, input, buf)?;
+                    let out = Bytes::copy_from_slice(buf);
+                    if buf.capacity() > READ_SIZE {
+                        *buf = Vec::new();
+                    }
+                    Ok::<_, BodyError>((out, used))
+                })?;
+                (out, self.chunk == ChunkState::Done, used)
             }
         };
         if ended {
@@ -657,7 +663,7 @@ impl H1Body {
             self.reusable &= used == input.len();
             self.finish();
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 }
 
@@ -666,6 +672,8 @@ thread_local! {
     /// thread, so that no stream holds a read buffer and no read zeroes one.
     static SCRATCH: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0; READ_SIZE].into_boxed_slice());
+    /// Where a chunked read's payload is gathered before it is copied into its frame.
+    static DECODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Body for H1Body {
@@ -748,7 +756,7 @@ mod tests {
 
     fn decode_all(parts: &[&[u8]]) -> Result<(Vec<u8>, ChunkState, usize), BodyError> {
         let mut st = ChunkState::default();
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         let mut used = 0;
         for p in parts {
             used = decode_chunked(&mut st, p, &mut out)?;
@@ -762,7 +770,7 @@ mod tests {
         for cut in 0..msg.len() {
             let (a, b) = msg.split_at(cut);
             let mut st = ChunkState::default();
-            let mut out = BytesMut::new();
+            let mut out = Vec::new();
             let end = msg.len() - 4;
             let used_a = decode_chunked(&mut st, a, &mut out).unwrap();
             assert_eq!(used_a, a.len().min(end), "cut {cut}");
