@@ -14,8 +14,8 @@ use http::{header, HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use layers_support::{
-    call_with, drain, end_at, layer, request, response, run, t, texts, within, Item, ScriptedBody,
-    KA, SSE,
+    call_with, drain_and_keep, end_at, layer, request, response, run, t, texts, within, Item,
+    ScriptedBody, KA, SSE,
 };
 use streamgate::idle_timeout::{IdleTimeoutError, IdleTimeoutKind, IdleTimeoutLayer};
 use streamgate::EndReason;
@@ -253,8 +253,7 @@ async fn upstream_error_passes_through_and_the_upstream_is_not_polled_again() {
     let (req, info) = request();
     let start = Instant::now();
     let res = call_with(layer(15, 300), req, Duration::ZERO, response(SSE, body)).await;
-    let mut body = std::pin::pin!(res.into_body());
-    let items = drain(body.as_mut(), start).await;
+    let (items, mut body) = drain_and_keep(res.into_body(), start).await;
     let (at, item) = end_at(&items);
     assert_eq!(at, 5_000);
     match item {

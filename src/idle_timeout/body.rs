@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -65,6 +65,10 @@ pin_project! {
         // Present only for responses that may receive keepalives.
         #[pin]
         keepalive: Option<Sleep>,
+        // The waker both timers were last polled with while neither had fired. While the task's
+        // waker is the same and neither has fired since, polling them again changes nothing: each
+        // holds the waker until it fires. `None` after a timer is reset without being polled.
+        polled: Option<Waker>,
     }
 }
 
@@ -157,6 +161,7 @@ impl<B> IdleTimeoutBody<B> {
                 timers: Box::pin(Timers {
                     idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
                     keepalive: sleep,
+                    polled: None,
                 }),
                 idle_after,
                 last: now,
@@ -227,7 +232,7 @@ where
                     cx,
                     inner,
                     (timers.idle, *idle_after, last),
-                    timers.keepalive,
+                    (timers.keepalive, timers.polled),
                     state,
                     info,
                 )
@@ -272,7 +277,7 @@ fn poll_stream<B>(
     cx: &mut Context<'_>,
     mut inner: Pin<&mut Option<B>>,
     (mut idle, idle_after, last): (Pin<&mut Sleep>, Duration, &mut Instant),
-    keepalive: Pin<&mut Option<Sleep>>,
+    (keepalive, polled): (Pin<&mut Option<Sleep>>, &mut Option<Waker>),
     state: &mut Option<Keepalive>,
     info: &StreamInfo,
 ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
@@ -315,6 +320,18 @@ where
             Poll::Pending => break,
         }
     }
+    // The common case, once per upstream frame: neither timer has fired and both already hold this
+    // waker. Polling them (about 300 instructions for the two) would only register it again.
+    let kept = polled.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+    if kept
+        && !idle.is_elapsed()
+        && keepalive
+            .as_ref()
+            .as_pin_ref()
+            .is_none_or(|k| !k.is_elapsed())
+    {
+        return Poll::Pending;
+    }
     if expired(idle.as_mut(), deadline_after(*last, idle_after), cx) {
         // Drop the upstream body now: that closes its connection or resets its stream.
         inner.set(None);
@@ -334,11 +351,14 @@ where
             if !ka.tracker.at_boundary() {
                 // The timer stays expired; the next frame that reaches a boundary releases it.
                 ka.due = true;
+                remember(polled, kept, cx);
                 return Poll::Pending;
             }
             ka.due = false;
             ka.since = Instant::now();
             timer.reset(deadline_after(ka.since, ka.interval));
+            // Reset and not polled since: poll it again before trusting it to hold the waker.
+            *polled = None;
             if !ka.started && ka.bom.is_none() {
                 ka.bom = Some(0);
             }
@@ -346,7 +366,19 @@ where
             return Poll::Ready(Some(Ok(Frame::data(ka.line.clone()))));
         }
     }
+    remember(polled, kept, cx);
     Poll::Pending
+}
+
+/// After the timers were polled and are pending: remember the waker they hold. Not if the task's
+/// budget ran out: a timer polled then registers nothing (tokio's cooperative scheduling), so the
+/// next poll must poll it again.
+fn remember(polled: &mut Option<Waker>, kept: bool, cx: &Context<'_>) {
+    if !tokio::task::coop::has_budget_remaining() {
+        *polled = None;
+    } else if !kept {
+        *polled = Some(cx.waker().clone());
+    }
 }
 
 /// Whether `deadline` has passed. The timer may be armed earlier than `deadline` (frames move the

@@ -310,14 +310,30 @@ impl Item {
 
 /// Poll `body` to its end (`None` or an error), recording the (virtual) time since `start` of each
 /// item. Gives up with a panic after a day of virtual time.
+///
+/// The body is polled in a task of its own, as a server polls a response body: a task's waker is
+/// the same at every poll (`Waker::will_wake`), which the layers rely on to skip re-registering it.
+/// The test's own waker would not do: its clones do not compare equal to it.
 pub(crate) async fn drain<B>(body: B, start: Instant) -> Vec<(Duration, Item)>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut body = std::pin::pin!(body);
-    let mut out = Vec::new();
-    within(Duration::from_secs(24 * 3600), async {
+    drain_and_keep(body, start).await.0
+}
+
+/// [`drain`], giving the body back too (to poll it after its end).
+pub(crate) async fn drain_and_keep<B>(
+    body: B,
+    start: Instant,
+) -> (Vec<(Duration, Item)>, Pin<Box<B>>)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let task = tokio::spawn(within(Duration::from_secs(24 * 3600), async move {
+        let mut body = Box::pin(body);
+        let mut out = Vec::new();
         loop {
             let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
             let at = start.elapsed();
@@ -335,9 +351,12 @@ where
                 break;
             }
         }
-    })
-    .await;
-    out
+        (out, body)
+    }));
+    match task.await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// The data frames of a drained body as `(millis, text)` pairs, for compact assertions.
