@@ -39,8 +39,10 @@ use tower::Service;
 use super::body::ClientBody;
 use super::error::json_error;
 use super::http1::{chunk_size_line, connection_has, content_length};
+use gone::GoneWatch;
 use wire::{parse, write_date, write_head, write_status, write_trailers, Head, Parsed};
 
+mod gone;
 mod wire;
 
 /// Request heads larger than this get 431 (nginx's `large_client_header_buffers` is 8 KiB too).
@@ -107,6 +109,8 @@ struct Conn {
     /// Reads go on while a response is in flight, to see the client leave; off once pipelined bytes
     /// reach [`MAX_HEAD`].
     watch: bool,
+    /// Whether a read may find anything: see [`GoneWatch`].
+    gone: GoneWatch,
 }
 
 /// Serve one plain-TCP client connection until it closes, or until it needs hyper.
@@ -122,6 +126,7 @@ where
         io,
         pending: Vec::new(),
         watch: true,
+        gone: GoneWatch::new(),
     };
     let mut first = true;
     loop {
@@ -257,6 +262,24 @@ fn prepare<B: Body>(
     }
 }
 
+/// One read from the client, appended to `pending`. The read lands on the stack (this is not async, so
+/// the buffer is never part of the connection's future) and only what came is kept: a request head of
+/// a few hundred bytes costs that much, not a 4 KiB buffer per request. Through `poll_read`, which
+/// takes a short read to mean the socket is drained (`try_read` keeps the readiness until a read
+/// fails): the disconnect watch armed right after a request then costs no `recv` that returns
+/// `EAGAIN`.
+fn read_into(
+    io: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let mut rb = tokio::io::ReadBuf::uninit(&mut buf);
+    ready!(tokio::io::AsyncRead::poll_read(Pin::new(io), cx, &mut rb))?;
+    pending.extend_from_slice(rb.filled());
+    Poll::Ready(Ok(rb.filled().len()))
+}
+
 impl Conn {
     /// Read until a whole request (head and body) is in `pending`. While nothing of a request has
     /// come, `graceful` closes the connection.
@@ -307,21 +330,14 @@ impl Conn {
         }
     }
 
-    /// One read, appended to `pending`. The read lands on the stack (this is not async, so the buffer
-    /// is never part of the connection's future) and only what came is kept: a request head of a few
-    /// hundred bytes costs that much, not a 4 KiB buffer per request. Through `poll_read`, which takes
-    /// a short read to mean the socket is drained (`try_read` keeps the readiness until a read fails):
-    /// the disconnect watch armed right after a request then costs no `recv` that returns `EAGAIN`.
+    /// One read ([`read_into`]), polled with the [`GoneWatch`]'s waker, which wakes this task.
     fn poll_read_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-        let mut rb = tokio::io::ReadBuf::uninit(&mut buf);
-        ready!(tokio::io::AsyncRead::poll_read(
-            Pin::new(&mut self.io),
-            cx,
-            &mut rb
-        ))?;
-        self.pending.extend_from_slice(rb.filled());
-        Poll::Ready(Ok(rb.filled().len()))
+        let mut ours = Context::from_waker(self.gone.waker(cx));
+        let read = read_into(&mut self.io, &mut self.pending, &mut ours);
+        if read.is_pending() {
+            self.gone.pending();
+        }
+        read
     }
 
     /// Drop `n` used bytes. What is left (a pipelined request) moves to an exactly-sized buffer, so
@@ -337,7 +353,8 @@ impl Conn {
     /// Ready once the client has closed or reset the connection. Bytes it sends meanwhile (a pipelined
     /// request) are kept for later.
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.watch {
+        // Nothing came since the last read was pending: no read (the common case, once per event).
+        if !self.watch || !self.gone.may_read() {
             return Poll::Pending;
         }
         loop {
