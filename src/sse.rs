@@ -78,8 +78,14 @@ impl SseTracker {
                 self.in_line = true;
                 self.line_is_comment = first == b':';
             }
-            // Skip to the next line terminator in one (SIMD) scan: the bytes in between are line content.
-            match memchr::memchr2(b'\n', b'\r', rest) {
+            // A line that ends at once (the blank line closing an event): no scan. Otherwise skip to
+            // the next line terminator in one scan: the bytes in between are line content.
+            let end = if first == b'\n' || first == b'\r' {
+                Some(0)
+            } else {
+                find_eol(tail).map(|i| i + 1)
+            };
+            match end {
                 None => return,
                 Some(i) => {
                     self.end_line();
@@ -130,9 +136,69 @@ impl SseTracker {
     }
 }
 
+/// The index of the first CR or LF in `s`.
+///
+/// memchr's SIMD search pays off from 32 bytes on. Below that it goes byte by byte at about ten
+/// instructions a byte, and token-sized events (`data: {"t":"lo"}`) are short: those are searched
+/// eight bytes at a time in a `u64`, with the classic test for a zero byte applied to `s ^ b'\n'` and
+/// `s ^ b'\r'`. The test can flag bytes above a true zero byte (a borrow), never below one, so the
+/// lowest flagged byte is the first match.
+#[inline]
+fn find_eol(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    if s.len() >= 32 {
+        return memchr::memchr2(b'\n', b'\r', s);
+    }
+    let mut words = s.chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        let lf = w ^ (ONES * u64::from(b'\n'));
+        let cr = w ^ (ONES * u64::from(b'\r'));
+        let zero = ((lf.wrapping_sub(ONES) & !lf) | (cr.wrapping_sub(ONES) & !cr)) & HIGH;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_eol_matches_a_plain_search() {
+        // Every length up to 40 (both sides of the SIMD cut-off), a CR or LF at every position, and
+        // bytes that differ from them by one bit or sit right next to them (borrows, carries).
+        let fillers = [b'a', 0x0B, 0x0C, 0x0E, 0x8A, 0x8D, 0x00, 0xFF, 0x09, 0x1D];
+        for len in 0..=40 {
+            for &fill in &fillers {
+                let mut s = vec![fill; len];
+                let plain = |s: &[u8]| s.iter().position(|&b| b == b'\n' || b == b'\r');
+                assert_eq!(find_eol(&s), plain(&s), "len {len} fill {fill:#x}");
+                for at in 0..len {
+                    for eol in [b'\n', b'\r'] {
+                        s[at] = eol;
+                        assert_eq!(find_eol(&s), Some(at), "len {len} at {at} fill {fill:#x}");
+                        // A second terminator after the first changes nothing.
+                        if at + 1 < len {
+                            s[len - 1] = b'\r';
+                            assert_eq!(find_eol(&s), Some(at));
+                            s[len - 1] = fill;
+                        }
+                        s[at] = fill;
+                    }
+                }
+            }
+        }
+    }
 
     fn feed(chunks: &[&[u8]]) -> SseTracker {
         let mut t = SseTracker::new();
