@@ -532,6 +532,40 @@ fn decode_chunked(
     };
     let mut i = 0;
     while i < input.len() {
+        // The common shapes in one step: a size line of hex digits ending in CRLF, and the CRLF after
+        // a chunk's data. Anything else (an extension, a line cut by the end of a read, a bad byte)
+        // is taken byte by byte below.
+        match *st {
+            ChunkState::Size(mut n) => {
+                let digits = input[i..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_hexdigit())
+                    .count();
+                for &b in &input[i..i + digits] {
+                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                    n = n
+                        .checked_mul(16)
+                        .and_then(|v| v.checked_add(d))
+                        .ok_or_else(|| bad("chunk size overflows"))?;
+                }
+                i += digits;
+                *st = if digits > 0 && input[i..].starts_with(b"\r\n") {
+                    i += 2;
+                    sized(n)
+                } else {
+                    ChunkState::Size(n)
+                };
+                if i >= input.len() || !matches!(*st, ChunkState::Size(_)) {
+                    continue;
+                }
+            }
+            ChunkState::DataCr if input[i..].starts_with(b"\r\n") => {
+                *st = ChunkState::default();
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
         let b = input[i];
         match *st {
             ChunkState::Size(n) => match b {
@@ -779,6 +813,40 @@ mod tests {
             assert_eq!(st, ChunkState::Done, "cut {cut}");
             // Decoding stops at the end of the message: "NEXT" is not consumed.
             assert_eq!(used_a + used_b, end, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn chunked_shapes_decode_the_same_cut_into_three_reads() {
+        // Each shape of size line and line end, the fast path's and the byte-by-byte path's: split
+        // at every pair of points, so each read starts and ends everywhere.
+        let msgs: [(&[u8], &[u8]); 5] = [
+            (b"3\r\nabc\r\n0\r\n\r\n", b"abc"),
+            (b"00A\r\n0123456789\r\n1\r\nx\r\n0\r\n\r\n", b"0123456789x"),
+            (b"b ; ext=1\r\nhello world\r\n0;x\r\n\r\n", b"hello world"),
+            (b"2\nhi\n2\r\n\r\n\r\n0\n\n", b"hi\r\n"),
+            (
+                b"E\r\ndata: 1 hello\n\r\ne\r\ndata: 2 hello\n\r\n0\r\n\r\n",
+                b"data: 1 hello\ndata: 2 hello\n",
+            ),
+        ];
+        for (msg, want) in msgs {
+            for a in 0..=msg.len() {
+                for b in a..=msg.len() {
+                    let (out, st, _) = decode_all(&[&msg[..a], &msg[a..b], &msg[b..]])
+                        .unwrap_or_else(|e| panic!("{e} at cuts {a} {b}"));
+                    assert_eq!(out, want, "cuts {a} {b}");
+                    assert_eq!(st, ChunkState::Done, "cuts {a} {b}");
+                }
+            }
+        }
+        // Overflow is caught however the digits are split.
+        let big = b"10000000000000000\r\n";
+        for cut in 0..big.len() {
+            assert!(
+                decode_all(&[&big[..cut], &big[cut..]]).is_err(),
+                "cut {cut}"
+            );
         }
     }
 
