@@ -64,38 +64,37 @@ impl SseTracker {
 
     /// Feed the next chunk of the stream, exactly as it is forwarded.
     pub fn observe(&mut self, chunk: &[u8]) {
+        // Worked on a copy, written back once: the state stays in registers through the scans.
+        let mut t = self.clone();
         let mut rest = chunk;
         while let Some((&first, tail)) = rest.split_first() {
-            if self.pending_cr {
-                self.pending_cr = false;
+            if t.pending_cr {
+                t.pending_cr = false;
                 if first == b'\n' {
                     // Second half of a CRLF: the line already ended at the CR.
                     rest = tail;
                     continue;
                 }
             }
-            if !self.in_line && first != b'\r' && first != b'\n' {
-                self.in_line = true;
-                self.line_is_comment = first == b':';
-            }
             // A line that ends at once (the blank line closing an event): no scan. Otherwise skip to
             // the next line terminator in one scan: the bytes in between are line content.
             let end = if first == b'\n' || first == b'\r' {
-                Some(0)
+                0
             } else {
-                find_eol(tail).map(|i| i + 1)
-            };
-            match end {
-                None => return,
-                Some(i) => {
-                    self.end_line();
-                    if rest[i] == b'\r' {
-                        self.pending_cr = true;
-                    }
-                    rest = &rest[i + 1..];
+                if !t.in_line {
+                    t.in_line = true;
+                    t.line_is_comment = first == b':';
                 }
-            }
+                match find_eol(tail) {
+                    Some(i) => i + 1,
+                    None => break,
+                }
+            };
+            t.end_line();
+            t.pending_cr = rest[end] == b'\r';
+            rest = &rest[end + 1..];
         }
+        *self = t;
     }
 
     fn end_line(&mut self) {
