@@ -126,6 +126,22 @@ struct Inner {
     heartbeats: AtomicU64,
     heartbeat_bytes: AtomicU64,
     injected: AtomicBool,
+    scan: Scan,
+}
+
+/// Counts published by a layer that scans the stream's lines anyway (the keepalive injector), so that
+/// the tracing layer further out does not scan every frame a second time.
+///
+/// A frame counted here may not have reached the tracing layer yet (the flush layer between them
+/// holds one back for a poll), so the counts as of the last two frames are kept, each with the number
+/// of non-empty data frames they cover: the tracing layer takes the one that matches the frames it
+/// handed out.
+#[derive(Debug, Default)]
+struct Scan {
+    published: AtomicBool,
+    /// `[frames, events, lines]` after the last frame, and after the one before.
+    last: [AtomicU64; 3],
+    before: [AtomicU64; 3],
 }
 
 /// Shared, cheaply clonable state of one streamed response. See the [module docs](self).
@@ -179,6 +195,45 @@ impl StreamInfo {
             && self.inner.injected.swap(false, Ordering::AcqRel)
     }
 
+    /// Announce that an inner layer publishes [`publish_scan`](Self::publish_scan) for every data frame.
+    pub(crate) fn will_publish_scan(&self) {
+        self.inner.scan.published.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an inner layer publishes its scan of the stream.
+    pub(crate) fn scan_published(&self) -> bool {
+        self.inner.scan.published.load(Ordering::Relaxed)
+    }
+
+    /// The counts after `frames` non-empty upstream data frames: SSE events and lines.
+    pub(crate) fn publish_scan(&self, frames: u64, events: u64, lines: u64) {
+        let scan = &self.inner.scan;
+        for (before, last) in scan.before.iter().zip(&scan.last) {
+            before.store(last.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for (slot, v) in scan.last.iter().zip([frames, events, lines]) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The published `(events, lines)` as of `frames` frames; `None` if neither snapshot matches.
+    pub(crate) fn scan_at(&self, frames: u64) -> Option<(u64, u64)> {
+        let scan = &self.inner.scan;
+        [&scan.last, &scan.before].into_iter().find_map(|s| {
+            (s[0].load(Ordering::Relaxed) == frames)
+                .then(|| (s[1].load(Ordering::Relaxed), s[2].load(Ordering::Relaxed)))
+        })
+    }
+
+    /// The last published `(events, lines)`.
+    pub(crate) fn scan_latest(&self) -> (u64, u64) {
+        let last = &self.inner.scan.last;
+        (
+            last[1].load(Ordering::Relaxed),
+            last[2].load(Ordering::Relaxed),
+        )
+    }
+
     /// How many keepalives were injected so far.
     pub fn heartbeats(&self) -> u64 {
         self.inner.heartbeats.load(Ordering::Relaxed)
@@ -193,6 +248,24 @@ impl StreamInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scan_matching_the_frames_seen_is_found() {
+        let info = StreamInfo::new();
+        assert!(!info.scan_published());
+        info.will_publish_scan();
+        assert!(info.scan_published());
+        assert_eq!(info.scan_at(0), Some((0, 0)));
+        info.publish_scan(1, 1, 2);
+        info.publish_scan(2, 3, 5);
+        assert_eq!(info.scan_at(2), Some((3, 5)));
+        assert_eq!(
+            info.scan_at(1),
+            Some((1, 2)),
+            "one frame held between the layers"
+        );
+        assert_eq!(info.scan_at(0), None);
+    }
 
     #[test]
     fn first_end_reason_wins() {

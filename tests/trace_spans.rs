@@ -693,3 +693,58 @@ async fn span_end_time_is_wall_clock_at_first_byte() {
     assert!(req.end_time >= before + Duration::from_millis(1_000));
     assert!(req.end_time <= after + Duration::from_millis(1_000));
 }
+
+/// With the keepalive layer inside it, the tracing layer takes that layer's line counts instead of
+/// scanning every frame again: the same counts, keepalives left out, and only the frames handed out
+/// when the client leaves while the flush layer holds one back.
+#[tokio::test(start_paused = true)]
+async fn events_come_from_the_keepalive_layers_scan_when_it_is_there() {
+    use streamgate::flush::FlushLayer;
+    use streamgate::idle_timeout::IdleTimeoutLayer;
+    static STEPS: &[(u64, Step)] = &[
+        (10, Step::Data("data: a\n\n")),
+        // Ready at once after the first: the flush layer holds it back for a poll.
+        (0, Step::Data("data: b\n\ndata: c\n")),
+        (100, Step::Data("\n")),
+        (10, Step::End),
+    ];
+    let stack = || {
+        tower::ServiceBuilder::new()
+            .layer(StreamTraceLayer::new())
+            .layer(FlushLayer::new())
+            .layer(IdleTimeoutLayer::new().keepalive_interval(Some(Duration::from_millis(30))))
+            .service(sse_service(0, STEPS, Arc::default()))
+    };
+
+    // Whole: three events; the three keepalives of the 100 ms gap are not counted.
+    let otel = Otel::install();
+    let resp = stack().oneshot(request()).await.unwrap();
+    let (chunks, err) = drain(resp.into_body()).await;
+    assert!(err.is_none());
+    assert_eq!(
+        chunks.len(),
+        3 + 3,
+        "three upstream frames, three keepalives"
+    );
+    let stream = otel.span("POST /v1/chat stream");
+    assert_eq!(attr_i64(&stream, "streamgate.events"), 3);
+    assert_eq!(attr_i64(&stream, "streamgate.heartbeats"), 3);
+    drop(otel);
+
+    // The client leaves while the second frame is held between the layers: one event went out.
+    let otel = Otel::install();
+    let resp = stack().oneshot(request()).await.unwrap();
+    let mut body = Box::pin(resp.into_body());
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "data: a\n\n");
+    let held = std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await;
+    assert!(held.is_pending(), "the flush layer holds the second frame");
+    drop(body);
+    let stream = otel.span("POST /v1/chat stream");
+    assert_eq!(
+        attr_str(&stream, "streamgate.end_reason"),
+        "client_disconnect"
+    );
+    assert_eq!(attr_i64(&stream, "streamgate.chunks"), 1);
+    assert_eq!(attr_i64(&stream, "streamgate.events"), 1);
+}

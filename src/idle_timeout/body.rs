@@ -88,6 +88,9 @@ struct Keepalive {
     /// The next keepalive is due `interval` after this: the last upstream frame or keepalive. As for
     /// the idle deadline, the timer may fire earlier and is then re-armed.
     since: Instant,
+    /// Non-empty data frames forwarded: the tracker's counts are published with it
+    /// ([`StreamInfo::publish_scan`]), for the tracing layer.
+    frames: u64,
 }
 
 impl Keepalive {
@@ -97,7 +100,7 @@ impl Keepalive {
     /// upstream BOM would land at the start of a line and corrupt its first field, so it is dropped
     /// (the client's decoder would have dropped it anyway). A partial match is withheld; on a mismatch
     /// the withheld bytes are given back (a rare path that allocates once).
-    fn forward(&mut self, data: Bytes) -> Option<Bytes> {
+    fn forward(&mut self, data: Bytes, info: &StreamInfo) -> Option<Bytes> {
         let out = match self.bom {
             Some(k) if !data.is_empty() => {
                 let k = usize::from(k);
@@ -126,8 +129,10 @@ impl Keepalive {
         };
         if !out.is_empty() {
             self.started = true;
+            self.tracker.observe(&out);
+            self.frames += 1;
+            info.publish_scan(self.frames, self.tracker.events(), self.tracker.lines());
         }
-        self.tracker.observe(&out);
         Some(out)
     }
 }
@@ -151,10 +156,14 @@ impl<B> IdleTimeoutBody<B> {
                     started: false,
                     bom: None,
                     since: now,
+                    frames: 0,
                 }),
             ),
             None => (None, None),
         };
+        if state.is_some() {
+            info.will_publish_scan();
+        }
         Self {
             kind: Kind::Stream {
                 inner: Some(inner),
@@ -300,7 +309,7 @@ where
                     ka.since = *last;
                 }
                 return match frame.into_data() {
-                    Ok(data) => match ka.forward(data) {
+                    Ok(data) => match ka.forward(data, info) {
                         Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
                         None => continue,
                     },

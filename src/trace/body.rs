@@ -70,6 +70,8 @@ pub(crate) struct Tracker {
     route: Option<String>,
     status: Option<StatusCode>,
     framing: Framing,
+    /// The lines are counted here (`sse`), not by an inner layer (see [`StreamInfo::publish_scan`]).
+    scan_here: bool,
     sse: SseTracker,
     bytes: u64,
     chunks: u64,
@@ -131,6 +133,7 @@ impl Tracker {
             route: None,
             status: None,
             framing: Framing::Opaque,
+            scan_here: false,
             sse: SseTracker::new(),
             bytes: 0,
             chunks: 0,
@@ -186,6 +189,8 @@ impl Tracker {
             self.set_request_error(status.as_str(), true);
         }
         self.framing = Framing::from_content_type(headers.get(http::header::CONTENT_TYPE));
+        // An inner layer counts the lines already: no second scan here.
+        self.scan_here = self.framing != Framing::Opaque && !self.info.scan_published();
         self.active = true;
         if let Some(m) = &self.metrics {
             m.stream_started();
@@ -211,7 +216,7 @@ impl Tracker {
         }
         self.bytes += data.len() as u64;
         self.chunks += 1;
-        if self.framing != Framing::Opaque {
+        if self.scan_here {
             self.sse.observe(data);
         }
     }
@@ -281,9 +286,18 @@ impl Tracker {
     }
 
     fn events(&self) -> u64 {
+        let (events, lines) = if self.scan_here {
+            (self.sse.events(), self.sse.lines())
+        } else {
+            // The frames handed out here are the inner layer's first `chunks` (one more may be on
+            // its way out): its counts as of those.
+            self.info
+                .scan_at(self.chunks)
+                .unwrap_or_else(|| self.info.scan_latest())
+        };
         match self.framing {
-            Framing::Sse => self.sse.events(),
-            Framing::Lines => self.sse.lines(),
+            Framing::Sse => events,
+            Framing::Lines => lines,
             Framing::Opaque => 0,
         }
     }
