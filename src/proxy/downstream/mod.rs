@@ -354,7 +354,7 @@ impl Conn {
     /// request) are kept for later.
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Nothing came since the last read was pending: no read (the common case, once per event).
-        if !self.watch || !self.gone.may_read() {
+        if !self.watch || !self.gone.may_read(cx) {
             return Poll::Pending;
         }
         loop {
