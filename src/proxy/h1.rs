@@ -532,9 +532,9 @@ fn decode_chunked(
     };
     let mut i = 0;
     while i < input.len() {
-        // The common shapes in one step: a size line of hex digits ending in CRLF, and the CRLF after
-        // a chunk's data. Anything else (an extension, a line cut by the end of a read, a bad byte)
-        // is taken byte by byte below.
+        // A size line's digits, all at once (and with its CRLF, the common shape, in one step), and
+        // the CRLF after a chunk's data. Anything else (an extension, a line cut by the end of a
+        // read, a bad byte) is taken byte by byte below.
         match *st {
             ChunkState::Size(mut n) => {
                 let digits = input[i..]
@@ -568,15 +568,8 @@ fn decode_chunked(
         }
         let b = input[i];
         match *st {
+            // The digits were all taken above: what follows them.
             ChunkState::Size(n) => match b {
-                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
-                    let n = n
-                        .checked_mul(16)
-                        .and_then(|v| v.checked_add(d))
-                        .ok_or_else(|| bad("chunk size overflows"))?;
-                    *st = ChunkState::Size(n);
-                }
                 b';' | b' ' | b'\t' => *st = ChunkState::SizeExt(n),
                 b'\r' => *st = ChunkState::SizeLf(n),
                 b'\n' => *st = sized(n),
