@@ -216,22 +216,18 @@ impl StreamInfo {
         }
     }
 
-    /// The published `(events, lines)` as of `frames` frames; `None` if neither snapshot matches.
-    pub(crate) fn scan_at(&self, frames: u64) -> Option<(u64, u64)> {
+    /// The published `(events, lines)` as of `frames` frames, or the latest if neither snapshot is
+    /// of that many (which the layers' order rules out).
+    pub(crate) fn scan_for(&self, frames: u64) -> (u64, u64) {
         let scan = &self.inner.scan;
-        [&scan.last, &scan.before].into_iter().find_map(|s| {
-            (s[0].load(Ordering::Relaxed) == frames)
-                .then(|| (s[1].load(Ordering::Relaxed), s[2].load(Ordering::Relaxed)))
-        })
-    }
-
-    /// The last published `(events, lines)`.
-    pub(crate) fn scan_latest(&self) -> (u64, u64) {
-        let last = &self.inner.scan.last;
-        (
-            last[1].load(Ordering::Relaxed),
-            last[2].load(Ordering::Relaxed),
-        )
+        let s = if scan.before[0].load(Ordering::Relaxed) == frames
+            && scan.last[0].load(Ordering::Relaxed) != frames
+        {
+            &scan.before
+        } else {
+            &scan.last
+        };
+        (s[1].load(Ordering::Relaxed), s[2].load(Ordering::Relaxed))
     }
 
     /// How many keepalives were injected so far.
@@ -255,16 +251,20 @@ mod tests {
         assert!(!info.scan_published());
         info.will_publish_scan();
         assert!(info.scan_published());
-        assert_eq!(info.scan_at(0), Some((0, 0)));
+        assert_eq!(info.scan_for(0), (0, 0));
         info.publish_scan(1, 1, 2);
         info.publish_scan(2, 3, 5);
-        assert_eq!(info.scan_at(2), Some((3, 5)));
+        assert_eq!(info.scan_for(2), (3, 5));
         assert_eq!(
-            info.scan_at(1),
-            Some((1, 2)),
+            info.scan_for(1),
+            (1, 2),
             "one frame held between the layers"
         );
-        assert_eq!(info.scan_at(0), None);
+        assert_eq!(
+            info.scan_for(0),
+            (3, 5),
+            "no snapshot of 0 frames: the latest"
+        );
     }
 
     #[test]

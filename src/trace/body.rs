@@ -285,9 +285,7 @@ impl Tracker {
         } else {
             // The frames handed out here are the inner layer's first `chunks` (one more may be on
             // its way out): its counts as of those.
-            self.info
-                .scan_at(self.chunks)
-                .unwrap_or_else(|| self.info.scan_latest())
+            self.info.scan_for(self.chunks)
         };
         match self.framing {
             Framing::Sse => events,
