@@ -74,21 +74,13 @@ impl DrainWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::proxy::test_waker::Count;
 
     #[test]
     fn a_registered_watch_is_woken_and_sees_the_fire() {
         let d = Arc::new(DrainDeadline::default());
         let mut w = d.watch();
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let count = Count::new();
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         assert!(w.poll(&mut cx).is_pending());
@@ -104,7 +96,7 @@ mod tests {
         let d = Arc::new(DrainDeadline::default());
         let mut w = d.watch();
         d.fire();
-        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let waker = Waker::from(Count::new());
         assert!(w.poll(&mut Context::from_waker(&waker)).is_ready());
         // And one made after the fire.
         assert!(d.watch().poll(&mut Context::from_waker(&waker)).is_ready());
@@ -114,8 +106,8 @@ mod tests {
     fn a_new_waker_is_registered_and_the_old_one_is_not_woken() {
         let d = Arc::new(DrainDeadline::default());
         let mut w = d.watch();
-        let old = Arc::new(Count(AtomicUsize::new(0)));
-        let new = Arc::new(Count(AtomicUsize::new(0)));
+        let old = Count::new();
+        let new = Count::new();
         let old_waker = Waker::from(old.clone());
         let new_waker = Waker::from(new.clone());
         assert!(w.poll(&mut Context::from_waker(&old_waker)).is_pending());

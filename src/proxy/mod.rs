@@ -29,6 +29,8 @@ mod http1;
 mod pool;
 mod server;
 pub mod stack;
+#[cfg(test)]
+mod test_waker;
 mod tls;
 
 pub use body::{ProxyBody, ShutdownError};

@@ -97,18 +97,11 @@ impl GoneWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::proxy::test_waker::Count;
 
     #[test]
     fn reads_until_pending_then_only_once_woken() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let count = Count::new();
         let task = Waker::from(Arc::clone(&count));
         let cx = Context::from_waker(&task);
         let mut g = GoneWatch::new();
@@ -128,8 +121,8 @@ mod tests {
 
     #[test]
     fn a_new_task_waker_is_the_one_woken() {
-        let first = Arc::new(Count(AtomicUsize::new(0)));
-        let second = Arc::new(Count(AtomicUsize::new(0)));
+        let first = Count::new();
+        let second = Count::new();
         let mut g = GoneWatch::new();
         let w1 = Waker::from(Arc::clone(&first));
         let ours = g.waker(&Context::from_waker(&w1)).clone();
