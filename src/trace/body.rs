@@ -263,10 +263,16 @@ impl Tracker {
 
     /// The first byte's bookkeeping, once it is on its way: the time-to-first-byte metric and the end
     /// of the request span, stamped with the instant the byte was handed out.
+    #[inline]
     fn settle_first_byte(&mut self) {
-        if !std::mem::take(&mut self.first_byte_pending) {
-            return;
+        // Once per stream; every other poll only tests the flag.
+        if std::mem::take(&mut self.first_byte_pending) {
+            self.first_byte_settled();
         }
+    }
+
+    #[cold]
+    fn first_byte_settled(&mut self) {
         let Some((now, _)) = self.first_byte else {
             return;
         };
