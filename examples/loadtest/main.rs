@@ -337,14 +337,18 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             let b = median(&mut b);
             let p = median(&mut p);
             eprintln!(
-                "  {}: cpu back-to-back median {:.2} µs/event (rounds {b_lo:.2}–{b_hi:.2}), {:.2} writes, {:.2} wake-ups; paced median {:.2} µs/event (rounds {p_lo:.2}–{p_hi:.2}), {:.2} writes, {:.2} wake-ups",
+                "  {}: cpu back-to-back median {:.2} µs/event (rounds {b_lo:.2}–{b_hi:.2}), {:.2} writes, {:.2} wake-ups, busy {:.2} (harness {:.2}); paced median {:.2} µs/event (rounds {p_lo:.2}–{p_hi:.2}), {:.2} writes, {:.2} wake-ups, busy {:.2} (harness {:.2})",
                 k.name(),
                 b.ns_per_event / 1000.0,
                 b.writes_per_event,
                 b.runs_per_event,
+                b.busy,
+                b.harness_busy,
                 p.ns_per_event / 1000.0,
                 p.writes_per_event,
                 p.runs_per_event,
+                p.busy,
+                p.harness_busy,
             );
             if let Some((_, r)) = rows.iter_mut().find(|(rk, _)| rk == k) {
                 r.cpu_blast = Some(b);

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use tokio::task::JoinHandle;
 
 use crate::client::{within, Conn, Error};
-use crate::procs::Target;
+use crate::procs::{self, Target};
 use crate::upstream::{Mode, Script, Upstream};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -157,6 +157,12 @@ pub struct Cpu {
     pub writes_per_event: f64,
     /// Times the target was scheduled onto a CPU, per event.
     pub runs_per_event: f64,
+    /// Share of the wall time the target was on a CPU.
+    pub busy: f64,
+    /// Share of the wall time the harness itself was on a CPU. Near 1 (back-to-back), the harness
+    /// sets the pace, and the target's CPU per event moves with how many events each of its reads
+    /// happens to find.
+    pub harness_busy: f64,
 }
 
 pub async fn cpu(
@@ -168,6 +174,8 @@ pub async fn cpu(
 ) -> Result<Cpu, Error> {
     let addr = target.addr;
     let before = target.cpu_ns();
+    let own_before = procs::own_cpu_ns();
+    let wall = Instant::now();
     let w0 = target.writes();
     let r0 = target.runs();
     let tasks = staggered(streams, gap, || async move {
@@ -194,12 +202,16 @@ pub async fn cpu(
         total += t.await.map_err(|e| e.to_string())??;
     }
     let used = target.cpu_ns().saturating_sub(before);
+    let own = procs::own_cpu_ns().saturating_sub(own_before);
+    let wall = wall.elapsed().as_nanos().max(1) as f64;
     let w1 = target.writes();
     let r1 = target.runs();
     Ok(Cpu {
         ns_per_event: used as f64 / total as f64,
         writes_per_event: w1.saturating_sub(w0) as f64 / total as f64,
         runs_per_event: r1.saturating_sub(r0) as f64 / total as f64,
+        busy: used as f64 / wall,
+        harness_busy: own as f64 / wall,
     })
 }
 

@@ -235,6 +235,11 @@ fn runs(pid: u32) -> u64 {
 }
 
 /// Sum of every thread's time on a CPU (schedstat, ns resolution); falls back to utime+stime ticks.
+/// CPU time of the harness's own threads, ns.
+pub fn own_cpu_ns() -> u64 {
+    cpu_ns(std::process::id())
+}
+
 fn cpu_ns(pid: u32) -> u64 {
     let mut total = 0;
     let mut any = false;
