@@ -8,7 +8,10 @@
 # answered with the head and an event, then two events and the last chunk 2 ms later; the
 # difference of their totals over N2 - N1. Per event: answers of 23 events against 3, every event
 # and the last chunk written on its own (SEP=1), so that each of the 20 more is read and relayed on
-# its own; the difference over the 8,000 more events. Head path: from the start of parsing the
+# its own; the difference over the 8,000 more events. Per event in one read: answers of 203 events
+# against 3, all but the first in one write; the difference over the 40,000 more events. From recv
+# to writev: between the upstream `recv` that brings an event and the client `writev` that relays
+# it (--zero-before / --dump-before), the median over the dumps. Head path: from the start of parsing the
 # upstream's response head to the client `writev` that carries it and the first event
 # (--zero-before / --dump-before), the median over the requests.
 # nginx closes a keep-alive connection after 1,000 requests, hence the small N.
@@ -76,6 +79,17 @@ echo "$who: $(( (b - a) / 600 )) instructions per request (3 events in two reads
 a=$(SEP=1 EV=3 run "$dir/c" 200) || exit 1
 b=$(SEP=1 EV=23 run "$dir/d" 200) || exit 1
 echo "$who: $(( (b - a) / 8000 )) instructions per event read and relayed on its own"
+a=$(EV=3 run "$dir/e" 200) || exit 1
+b=$(EV=203 run "$dir/f" 200) || exit 1
+echo "$who: $(( (b - a) / 40000 )) instructions per event when 200 come in one write"
+# From the upstream `recv` that brings an event to the `writev` that relays it: the path an event
+# waits on. The median over the dumps (most are single events; the few per request are not).
+mkdir -p "$dir/ev"
+SEP=1 EV=23 run "$dir/ev/cg" 20 --zero-before=recv --dump-before=writev >/dev/null || exit 1
+for f in "$dir"/ev/cg.*; do
+  case $f in *.log) continue ;; esac
+  sed -n 's/^summary: //p' "$f"
+done | sort -n | awk '{v[NR]=$1} END {print "'"$who"': " v[int((NR+1)/2)] " instructions from the upstream recv to the client writev (median of " NR ")"}'
 if [ "$who" = nginx ]; then parse=ngx_http_parse_status_line; mark=parse_status_line; else
   parse='httparse::Response::parse_with_config_and_uninit_headers'; mark=Response::parse_with; fi
 mkdir -p "$dir/seg"
