@@ -3,6 +3,7 @@
 # load harness's latency part. Needs perf, nginx, and release builds of streamgate and the harness.
 #
 #   cargo build --release --example loadtest && benches/syscalls/trace.sh
+#   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/trace.sh      # another build
 #
 # For each proxy, per event (an upstream `recv` of 60-200 bytes), p25 / p50 / p90 in µs:
 # - wake-up: the harness's last write before the proxy's `epoll_wait` returned one event, to that
@@ -16,7 +17,7 @@ export PATH=$PATH:/usr/sbin
 ulimit -n 20000
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-./target/release/examples/loadtest --only latency --targets streamgate,nginx >"$out/run" 2>&1 &
+STREAMGATE_BIN=${STREAMGATE_BIN:-$PWD/target/release/streamgate} ./target/release/examples/loadtest --only latency --targets streamgate,nginx >"$out/run" 2>&1 &
 for _ in $(seq 200); do
   s=$(pgrep -x streamgate); n=$(pgrep -f "nginx: worker"); h=$(pgrep -f examples/loadtest | head -1)
   [ -n "$s" ] && [ -n "$n" ] && [ -n "$h" ] && break
