@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where a paced event's time goes, from a system-call trace of both proxies and the harness during the
-# load harness's latency part. Needs perf, nginx, and release builds of streamgate and the harness.
+# load harness's latency part. Needs perf (Debian: linux-perf), nginx, and release builds of streamgate
+# and the harness.
 #
-#   cargo build --release --example loadtest && benches/syscalls/trace.sh
+#   cargo build --release && cargo build --release --example loadtest && benches/syscalls/trace.sh
 #   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/trace.sh      # another build
 #
 # For each proxy, per event (an upstream `recv` of 60-200 bytes), p25 / p50 / p90 in µs:
