@@ -73,6 +73,17 @@ run() {
   fi
   sed -n 's/.*Collected : //p' "$out.log"
 }
+# dump_median DIR MARK WHAT: the median instruction count of the callgrind dumps in DIR (only those
+# that mention MARK, when it is not empty), printed as "WHAT".
+dump_median() {
+  local f
+  for f in "$1"/cg.*; do
+    case $f in *.log) continue ;; esac
+    [ -z "$2" ] || grep -q "$2" "$f" || continue
+    sed -n 's/^summary: //p' "$f"
+  done | sort -n | awk -v who="$who" -v what="$3" \
+    '{v[NR]=$1} END {print who ": " v[int((NR+1)/2)] " instructions " what " (median of " NR ")"}'
+}
 a=$(run "$dir/a" 300) || exit 1
 b=$(run "$dir/b" 900) || exit 1
 echo "$who: $(( (b - a) / 600 )) instructions per request (3 events in two reads)"
@@ -86,17 +97,10 @@ echo "$who: $(( (b - a) / 40000 )) instructions per event when 200 come in one w
 # waits on. The median over the dumps (most are single events; the few per request are not).
 mkdir -p "$dir/ev"
 SEP=1 EV=23 run "$dir/ev/cg" 20 --zero-before=recv --dump-before=writev >/dev/null || exit 1
-for f in "$dir"/ev/cg.*; do
-  case $f in *.log) continue ;; esac
-  sed -n 's/^summary: //p' "$f"
-done | sort -n | awk '{v[NR]=$1} END {print "'"$who"': " v[int((NR+1)/2)] " instructions from the upstream recv to the client writev (median of " NR ")"}'
+dump_median "$dir/ev" "" "from the upstream recv to the client writev"
 if [ "$who" = nginx ]; then parse=ngx_http_parse_status_line; mark=parse_status_line; else
   parse='httparse::Response::parse_with_config_and_uninit_headers'; mark=Response::parse_with; fi
 mkdir -p "$dir/seg"
 run "$dir/seg/cg" 60 --zero-before="$parse" --dump-before=writev >/dev/null || exit 1
 # The first dump after each zero is the head path; it is the one that holds the parse.
-for f in "$dir"/seg/cg.*; do
-  case $f in *.log) continue ;; esac
-  grep -q "$mark" "$f" || continue
-  sed -n 's/^summary: //p' "$f"
-done | sort -n | awk '{v[NR]=$1} END {print "'"$who"': " v[int((NR+1)/2)] " instructions on the head path (median of " NR ")"}'
+dump_median "$dir/seg" "$mark" "on the head path"

@@ -175,7 +175,7 @@ pub async fn cpu(
     let addr = target.addr;
     let before = target.cpu_ns();
     let own_before = procs::own_cpu_ns();
-    let wall = Instant::now();
+    let started = Instant::now();
     let w0 = target.writes();
     let r0 = target.runs();
     let tasks = staggered(streams, gap, || async move {
@@ -203,7 +203,7 @@ pub async fn cpu(
     }
     let used = target.cpu_ns().saturating_sub(before);
     let own = procs::own_cpu_ns().saturating_sub(own_before);
-    let wall = wall.elapsed().as_nanos().max(1) as f64;
+    let wall = started.elapsed().as_nanos().max(1) as f64;
     let w1 = target.writes();
     let r1 = target.runs();
     Ok(Cpu {

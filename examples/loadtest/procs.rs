@@ -234,12 +234,12 @@ fn runs(pid: u32) -> u64 {
         .sum()
 }
 
-/// Sum of every thread's time on a CPU (schedstat, ns resolution); falls back to utime+stime ticks.
 /// CPU time of the harness's own threads, ns.
 pub fn own_cpu_ns() -> u64 {
     cpu_ns(std::process::id())
 }
 
+/// Sum of every thread's time on a CPU (schedstat, ns resolution); falls back to utime+stime ticks.
 fn cpu_ns(pid: u32) -> u64 {
     let mut total = 0;
     let mut any = false;
