@@ -13,20 +13,12 @@
 # - recv -> write when it was already running (the event was there when it looked);
 # - writev -> the next epoll_wait (what the proxy does after relaying, before it sleeps).
 set -u
-cd "$(dirname "$0")/../.."
-export PATH=$PATH:/usr/sbin
-ulimit -n 20000
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-STREAMGATE_BIN=${STREAMGATE_BIN:-$PWD/target/release/streamgate} ./target/release/examples/loadtest --only latency --targets streamgate,nginx >"$out/run" 2>&1 &
-for _ in $(seq 200); do
-  s=$(pgrep -x streamgate); n=$(pgrep -f "nginx: worker"); h=$(pgrep -f examples/loadtest | head -1)
-  [ -n "$s" ] && [ -n "$n" ] && [ -n "$h" ] && break
-  sleep 0.1
-done
+. "$(dirname "$0")/common.sh"
+start_latency_run
+s=$(pgrep -x streamgate); n=$(pgrep -f "nginx: worker")
 perf record -q -e raw_syscalls:sys_enter,raw_syscalls:sys_exit -p "$s,$n,$h" -o "$out/data" 2>/dev/null &
 p=$!
-while pgrep -f examples/loadtest >/dev/null; do sleep 0.5; done
+wait $h
 kill -INT $p 2>/dev/null
 wait $p 2>/dev/null
 grep -E "ttfb p50" "$out/run"
