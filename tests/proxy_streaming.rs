@@ -177,8 +177,12 @@ async fn events_15ms_apart_arrive_alone_and_promptly_h1_and_h2c() {
         "spaced events were coalesced over HTTP/1.1"
     );
     assert_eq!(h2_coalesced, 0, "spaced events were coalesced over h2c");
-    assert!(a99 < Duration::from_millis(1), "HTTP/1.1 added p99 {a99:?}");
-    assert!(b99 < Duration::from_millis(1), "h2c added p99 {b99:?}");
+    // No event is held back: one that waited for a flush would wait for the next event (15 ms later),
+    // one held by Nagle's algorithm against a delayed ACK 40 ms. The bound is below both and far above
+    // what a shared 2-core machine's scheduling adds (1-2 ms at p99 on a noisy day, with a build
+    // running); how much the proxy adds per event is measured by the load harness, not here.
+    assert!(a99 < Duration::from_millis(10), "HTTP/1.1 added p99 {a99:?}");
+    assert!(b99 < Duration::from_millis(10), "h2c added p99 {b99:?}");
 }
 
 /// Resident set size of a process, from /proc.
