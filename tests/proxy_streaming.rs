@@ -181,7 +181,10 @@ async fn events_15ms_apart_arrive_alone_and_promptly_h1_and_h2c() {
     // one held by Nagle's algorithm against a delayed ACK 40 ms. The bound is below both and far above
     // what a shared 2-core machine's scheduling adds (1-2 ms at p99 on a noisy day, with a build
     // running); how much the proxy adds per event is measured by the load harness, not here.
-    assert!(a99 < Duration::from_millis(10), "HTTP/1.1 added p99 {a99:?}");
+    assert!(
+        a99 < Duration::from_millis(10),
+        "HTTP/1.1 added p99 {a99:?}"
+    );
     assert!(b99 < Duration::from_millis(10), "h2c added p99 {b99:?}");
 }
 
