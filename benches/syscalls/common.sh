@@ -14,7 +14,12 @@ start_latency_run() {
     --only latency --targets streamgate,nginx >"$out/run" 2>&1 &
   h=$!
   for _ in $(seq 200); do
-    [ -n "$(pgrep -x streamgate)" ] && [ -n "$(pgrep -f 'nginx: worker')" ] && break
+    [ -n "$(pgrep -x streamgate)" ] && [ -n "$(pgrep -f 'nginx: worker')" ] && return
     sleep 0.1
   done
+  # The traces pick the proxies by process name: without both, they would print nothing.
+  echo "$0: streamgate and an nginx worker did not both start within 20 s (is nginx installed, and is" \
+    "STREAMGATE_BIN a binary named streamgate?); the harness said:" >&2
+  tail -5 "$out/run" >&2
+  exit 1
 }

@@ -4,7 +4,7 @@
 # and the harness.
 #
 #   cargo build --release && cargo build --release --example loadtest && benches/syscalls/trace.sh
-#   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/trace.sh      # another build
+#   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/trace.sh      # another build, named streamgate
 #
 # For each proxy, per event (an upstream `recv` of 60-200 bytes), p25 / p50 / p90 in µs:
 # - wake-up: the harness's last write before the proxy's `epoll_wait` returned one event, to that

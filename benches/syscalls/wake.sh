@@ -5,7 +5,7 @@
 # streamgate and the harness.
 #
 #   cargo build --release && cargo build --release --example loadtest && benches/syscalls/wake.sh
-#   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/wake.sh      # another build
+#   STREAMGATE_BIN=path/to/other/streamgate benches/syscalls/wake.sh      # another build, named streamgate
 #
 # For each proxy and each kind of wake-up that follows a harness write (a request into the proxy's
 # client socket; a response head or an event into its upstream socket), p25 / p50 / p90 in µs:
