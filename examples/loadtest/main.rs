@@ -43,6 +43,8 @@ struct Opts {
     only: Vec<String>,
     /// Targets to run (all when empty): direct, streamgate, nginx.
     targets: Vec<String>,
+    /// Rounds of the CPU measurement, when not the default.
+    cpu_rounds: Option<usize>,
 }
 
 impl Opts {
@@ -62,6 +64,7 @@ fn opts() -> Result<Opts, String> {
         out: None,
         only: Vec::new(),
         targets: Vec::new(),
+        cpu_rounds: None,
     };
     let list = |v: Option<String>, what: &str, allowed: &[&str]| -> Result<Vec<String>, String> {
         let v = v.ok_or(format!("{what} needs a comma-separated list"))?;
@@ -87,10 +90,18 @@ fn opts() -> Result<Opts, String> {
             "--targets" => {
                 o.targets = list(args.next(), "--targets", &["direct", "streamgate", "nginx"])?
             }
+            "--cpu-rounds" => {
+                let v = args.next().unwrap_or_default();
+                o.cpu_rounds = match v.parse::<usize>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => return Err(format!("--cpu-rounds: {v:?} is not a positive number")),
+                }
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: loadtest [--quick] [--no-nginx] [--out FILE] \\
-                     [--only latency,cpu,disconnect,memory] [--targets direct,streamgate,nginx]"
+                     [--only latency,cpu,disconnect,memory] [--targets direct,streamgate,nginx] \\
+                     [--cpu-rounds N]"
                 );
                 std::process::exit(0);
             }
@@ -166,6 +177,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         } else {
             (3_000, 40, 45, 100_000, 100, 100, 10, 10, 5)
         };
+    let cpu_rounds = o.cpu_rounds.unwrap_or(cpu_rounds);
     let mut steps: Vec<u64> = if o.quick {
         vec![250, 500, 1_000]
     } else {
@@ -329,6 +341,24 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             eprintln!(
                 "  median of per-round ratios, {}: back-to-back {b:.2}×, paced {p:.2}×",
                 names(&cpu_kinds)
+            );
+        }
+        // Back-to-back, CPU per event follows how many events each read-and-write finds, which the
+        // harness's timing sets: CPU per client write (one such cycle) separates the two.
+        let per_write: Vec<Vec<Cpu>> = blasts
+            .iter()
+            .map(|v| {
+                v.iter()
+                    .map(|c| Cpu {
+                        ns_per_event: c.ns_per_event / c.writes_per_event.max(1e-9),
+                        ..c.clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        if let Some(w) = paired(&per_write) {
+            eprintln!(
+                "  back-to-back, CPU per client write instead of per event: median of per-round ratios {w:.2}×"
             );
         }
         for ((k, mut b), mut p) in cpu_kinds.iter().zip(blasts).zip(paceds) {
