@@ -144,28 +144,39 @@ impl SseTracker {
 /// lowest flagged byte is the first match.
 #[inline]
 fn find_eol(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     if s.len() >= 32 {
         return memchr::memchr2(b'\n', b'\r', s);
+    }
+    if s.len() < 8 {
+        return s.iter().position(|&b| b == b'\n' || b == b'\r');
     }
     let mut words = s.chunks_exact(8);
     let mut at = 0;
     for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        let lf = w ^ (ONES * u64::from(b'\n'));
-        let cr = w ^ (ONES * u64::from(b'\r'));
-        let zero = ((lf.wrapping_sub(ONES) & !lf) | (cr.wrapping_sub(ONES) & !cr)) & HIGH;
-        if zero != 0 {
-            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        if let Some(i) = eol_in(word) {
+            return Some(at + i);
         }
         at += 8;
     }
-    words
-        .remainder()
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|i| at + i)
+    if words.remainder().is_empty() {
+        return None;
+    }
+    // The last eight bytes, overlapping the words already searched: those hold no match, and the test
+    // never flags a byte below a true match, so the lowest flagged byte is still the first match.
+    let from = s.len() - 8;
+    eol_in(&s[from..]).map(|i| from + i)
+}
+
+/// The index of the first CR or LF in `word` (eight bytes), by the zero-byte test.
+#[inline]
+fn eol_in(word: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+    let lf = w ^ (ONES * u64::from(b'\n'));
+    let cr = w ^ (ONES * u64::from(b'\r'));
+    let zero = ((lf.wrapping_sub(ONES) & !lf) | (cr.wrapping_sub(ONES) & !cr)) & HIGH;
+    (zero != 0).then(|| (zero.trailing_zeros() / 8) as usize)
 }
 
 #[cfg(test)]
