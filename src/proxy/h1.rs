@@ -515,6 +515,28 @@ impl Default for ChunkState {
     }
 }
 
+/// The data of `input` when it is exactly one whole chunk of data, `<hex size>\r\n<data>\r\n`, read at
+/// a chunk's start (`st`): what [`decode_chunked`] would give, without gathering it first. Anything
+/// else (an extension, a bare LF, a cut chunk, more than one chunk, the last chunk) is `None`.
+fn whole_chunk(st: ChunkState, input: &[u8]) -> Option<&[u8]> {
+    if st != ChunkState::Size(0) {
+        return None;
+    }
+    // Sixteen hex digits hold any u64; a longer size is left to the decoder, which rejects it.
+    let digits = input
+        .iter()
+        .take(16)
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
+    let n = input[..digits].iter().fold(0u64, |n, &b| {
+        n << 4 | u64::from((b as char).to_digit(16).unwrap_or(0))
+    });
+    let rest = input[digits..].strip_prefix(b"\r\n")?;
+    let n = usize::try_from(n).ok().filter(|&n| n > 0)?;
+    let (data, end) = (rest.get(..n)?, &rest[n..]);
+    (digits > 0 && end == b"\r\n").then_some(data)
+}
+
 /// Decodes `input` into `out`; returns the bytes consumed (less than all when the message ended).
 fn decode_chunked(
     st: &mut ChunkState,
@@ -669,21 +691,26 @@ impl H1Body {
                 self.framing = Framing::Length(left - n as u64);
                 (Bytes::copy_from_slice(&input[..n]), left == n as u64, n)
             }
-            Framing::Chunked => {
-                // Decoded into a buffer kept by the thread, then copied into an exactly-sized frame:
-                // `Bytes` made from a `Vec` whose length is short of its capacity allocates a second
-                // block to share it, and frees both when the frame has been written.
-                let (out, used) = DECODED.with_borrow_mut(|buf| {
-                    buf.clear();
-                    let used = decode_chunked(&mut self.chunk, input, buf)?;
-                    let out = Bytes::copy_from_slice(buf);
-                    if buf.capacity() > READ_SIZE {
-                        *buf = Vec::new();
-                    }
-                    Ok::<_, BodyError>((out, used))
-                })?;
-                (out, self.chunk == ChunkState::Done, used)
-            }
+            Framing::Chunked => match whole_chunk(self.chunk, input) {
+                // Nearly every read of a streamed body is one whole chunk (one event): its data is
+                // copied straight into the frame.
+                Some(data) => (Bytes::copy_from_slice(data), false, input.len()),
+                None => {
+                    // Decoded into a buffer kept by the thread, then copied into an exactly-sized frame:
+                    // `Bytes` made from a `Vec` whose length is short of its capacity allocates a second
+                    // block to share it, and frees both when the frame has been written.
+                    let (out, used) = DECODED.with_borrow_mut(|buf| {
+                        buf.clear();
+                        let used = decode_chunked(&mut self.chunk, input, buf)?;
+                        let out = Bytes::copy_from_slice(buf);
+                        if buf.capacity() > READ_SIZE {
+                            *buf = Vec::new();
+                        }
+                        Ok::<_, BodyError>((out, used))
+                    })?;
+                    (out, self.chunk == ChunkState::Done, used)
+                }
+            },
         };
         if ended {
             // Bytes past the end of the message: the connection cannot be trusted.
@@ -840,6 +867,57 @@ mod tests {
                 decode_all(&[&big[..cut], &big[cut..]]).is_err(),
                 "cut {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn whole_chunk_takes_exactly_one_whole_chunk_and_agrees_with_the_decoder() {
+        let msgs: [&[u8]; 6] = [
+            b"E\r\ndata: 1 hello\n\r\ne\r\ndata: 2 hello\n\r\n0\r\n\r\n",
+            b"00A\r\n0123456789\r\n1\r\nx\r\n0\r\n\r\n",
+            b"b ; ext=1\r\nhello world\r\n0;x\r\n\r\n",
+            b"2\nhi\n2\r\n\r\n\r\n0\n\n",
+            b"3\r\nab\r\n\r\n3\r\nabcd\r\n",
+            b"10000000000000003\r\nabc\r\n0000000000000003\r\nabc\r\n",
+        ];
+        let mut taken = 0;
+        // Every piece of every message, at a chunk start: where the fast path takes a piece, the
+        // decoder reads the same data from it, uses all of it and ends at a chunk start.
+        for msg in msgs {
+            for a in 0..=msg.len() {
+                for b in a..=msg.len() {
+                    let piece = &msg[a..b];
+                    let Some(data) = whole_chunk(ChunkState::Size(0), piece) else {
+                        continue;
+                    };
+                    taken += 1;
+                    let mut st = ChunkState::Size(0);
+                    let mut out = Vec::new();
+                    let used = decode_chunked(&mut st, piece, &mut out).unwrap();
+                    assert_eq!(
+                        (data, used, st),
+                        (&out[..], piece.len(), ChunkState::Size(0))
+                    );
+                }
+            }
+        }
+        // The seven whole chunks of the messages, and shorter pieces that happen to be chunks.
+        assert!(taken >= 7, "{taken} pieces taken");
+        assert_eq!(
+            whole_chunk(ChunkState::Size(0), b"3\r\nabc\r\n"),
+            Some(&b"abc"[..])
+        );
+        // Not at a chunk start: the same bytes are data.
+        assert_eq!(whole_chunk(ChunkState::Data(11), b"3\r\nabc\r\n"), None);
+        assert_eq!(whole_chunk(ChunkState::Size(1), b"3\r\nabc\r\n"), None);
+        for other in [
+            &b"0\r\n\r\n"[..],
+            b"3\r\nabc\r",
+            b"3\nabc\n",
+            b"\r\nabc\r\n",
+            b"",
+        ] {
+            assert_eq!(whole_chunk(ChunkState::Size(0), other), None, "{other:?}");
         }
     }
 
