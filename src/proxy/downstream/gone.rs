@@ -79,7 +79,11 @@ impl GoneWatch {
     /// not, the task polling now is the one our waker wakes.
     pub(super) fn may_read(&mut self, cx: &Context<'_>) -> bool {
         self.follow(cx);
-        if self.armed && !self.shared.woken.swap(false, Ordering::AcqRel) {
+        // A load first: the common answer (armed, not woken) takes no locked instruction.
+        if self.armed
+            && !(self.shared.woken.load(Ordering::Acquire)
+                && self.shared.woken.swap(false, Ordering::AcqRel))
+        {
             return false;
         }
         self.armed = false;
