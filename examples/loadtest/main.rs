@@ -327,16 +327,13 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         }
         // Rounds of the two proxies run back to back, so each pair shares the machine's state: the
         // median of the per-round ratios is steadier than the ratio of the medians.
-        let paired = |v: &[Vec<Cpu>]| -> Option<f64> {
+        let paired = |v: &[Vec<Cpu>], cost: fn(&Cpu) -> f64| -> Option<f64> {
             let [a, b] = v else { return None };
-            let mut r: Vec<f64> = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| x.ns_per_event / y.ns_per_event)
-                .collect();
+            let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| cost(x) / cost(y)).collect();
             (!r.is_empty()).then(|| mid(&mut r))
         };
-        cpu_ratio = paired(&blasts).zip(paired(&paceds));
+        let per_event: fn(&Cpu) -> f64 = |c| c.ns_per_event;
+        cpu_ratio = paired(&blasts, per_event).zip(paired(&paceds, per_event));
         if let Some((b, p)) = cpu_ratio {
             eprintln!(
                 "  median of per-round ratios, {}: back-to-back {b:.2}×, paced {p:.2}×",
@@ -345,18 +342,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         }
         // Back-to-back, CPU per event follows how many events each read-and-write finds, which the
         // harness's timing sets: CPU per client write (one such cycle) separates the two.
-        let per_write: Vec<Vec<Cpu>> = blasts
-            .iter()
-            .map(|v| {
-                v.iter()
-                    .map(|c| Cpu {
-                        ns_per_event: c.ns_per_event / c.writes_per_event.max(1e-9),
-                        ..c.clone()
-                    })
-                    .collect()
-            })
-            .collect();
-        if let Some(w) = paired(&per_write) {
+        if let Some(w) = paired(&blasts, |c| c.ns_per_event / c.writes_per_event.max(1e-9)) {
             eprintln!(
                 "  back-to-back, CPU per client write instead of per event: median of per-round ratios {w:.2}×"
             );

@@ -528,13 +528,19 @@ fn whole_chunk(st: ChunkState, input: &[u8]) -> Option<&[u8]> {
         .take(16)
         .take_while(|b| b.is_ascii_hexdigit())
         .count();
-    let n = input[..digits].iter().fold(0u64, |n, &b| {
-        n << 4 | u64::from((b as char).to_digit(16).unwrap_or(0))
-    });
+    let n = input[..digits]
+        .iter()
+        .fold(0u64, |n, &b| n << 4 | hex_value(b));
     let rest = input[digits..].strip_prefix(b"\r\n")?;
+    // Not zero (so at least one digit): the last chunk ends the message, which the decoder handles.
     let n = usize::try_from(n).ok().filter(|&n| n > 0)?;
     let (data, end) = (rest.get(..n)?, &rest[n..]);
-    (digits > 0 && end == b"\r\n").then_some(data)
+    (end == b"\r\n").then_some(data)
+}
+
+/// The value of a hex digit (0 for any other byte: callers take only `is_ascii_hexdigit` bytes).
+fn hex_value(b: u8) -> u64 {
+    u64::from((b as char).to_digit(16).unwrap_or(0))
 }
 
 /// Decodes `input` into `out`; returns the bytes consumed (less than all when the message ended).
@@ -564,7 +570,7 @@ fn decode_chunked(
                     .take_while(|b| b.is_ascii_hexdigit())
                     .count();
                 for &b in &input[i..i + digits] {
-                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                    let d = hex_value(b);
                     n = n
                         .checked_mul(16)
                         .and_then(|v| v.checked_add(d))
