@@ -175,7 +175,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         if o.quick {
             (200, 10, 40, 20_000, 20, 30, 3, 1, 1)
         } else {
-            (3_000, 40, 45, 100_000, 100, 100, 10, 10, 5)
+            (3_000, 40, 45, 100_000, 100, 100, 10, 10, 9)
         };
     let cpu_rounds = o.cpu_rounds.unwrap_or(cpu_rounds);
     let mut steps: Vec<u64> = if o.quick {
@@ -202,7 +202,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         .filter(|&k| o.targets(k) && (k != Kind::Nginx || nginx.is_some()))
         .collect();
     let mut rows: Vec<(Kind, Row)> = kinds.iter().map(|&k| (k, Row::default())).collect();
-    let mut lat_ratio: Option<(f64, f64)> = None;
+    let mut lat_ratio: Option<(Ratio, Ratio)> = None;
     if o.runs("latency") {
         // Every target runs at once and the rounds alternate between them, so that whatever else the
         // machine does in the meantime lands on all of them alike.
@@ -258,13 +258,14 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                         added(a) / added(b)
                     })
                     .collect();
-                mid(&mut r)
+                Ratio::of(&mut r)
             };
-            let (t, e) = (ratio(|x| x.0), ratio(|x| x.1));
-            eprintln!(
-                "  median of per-round ratios of added p99, streamgate, nginx: time to first byte {t:.2}×, per-event delay {e:.2}×"
-            );
-            lat_ratio = Some((t, e));
+            if let (Some(t), Some(e)) = (ratio(|x| x.0), ratio(|x| x.1)) {
+                eprintln!(
+                    "  median of per-round ratios of added p99 (interval for it, confidence), streamgate, nginx: time to first byte {t}, per-event delay {e}"
+                );
+                lat_ratio = Some((t, e));
+            }
         }
         for (i, (k, r)) in rows.iter_mut().enumerate() {
             let l = Lat::of(&first[i]);
@@ -287,7 +288,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
             });
         }
     }
-    let mut cpu_ratio: Option<(f64, f64)> = None;
+    let mut cpu_ratio: Option<(Ratio, Ratio)> = None;
     if o.runs("cpu") {
         // As for latency: both proxies run at once and the rounds alternate, and each figure is the
         // median over the rounds, so that a burst of other work on the machine moves one round, not
@@ -327,16 +328,16 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         }
         // Rounds of the two proxies run back to back, so each pair shares the machine's state: the
         // median of the per-round ratios is steadier than the ratio of the medians.
-        let paired = |v: &[Vec<Cpu>], cost: fn(&Cpu) -> f64| -> Option<f64> {
+        let paired = |v: &[Vec<Cpu>], cost: fn(&Cpu) -> f64| -> Option<Ratio> {
             let [a, b] = v else { return None };
             let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| cost(x) / cost(y)).collect();
-            (!r.is_empty()).then(|| mid(&mut r))
+            Ratio::of(&mut r)
         };
         let per_event: fn(&Cpu) -> f64 = |c| c.ns_per_event;
         cpu_ratio = paired(&blasts, per_event).zip(paired(&paceds, per_event));
         if let Some((b, p)) = cpu_ratio {
             eprintln!(
-                "  median of per-round ratios, {}: back-to-back {b:.2}×, paced {p:.2}×",
+                "  median of per-round ratios (interval for it, confidence), {}: back-to-back {b}, paced {p}",
                 names(&cpu_kinds)
             );
         }
@@ -344,7 +345,7 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         // harness's timing sets: CPU per client write (one such cycle) separates the two.
         if let Some(w) = paired(&blasts, |c| c.ns_per_event / c.writes_per_event.max(1e-9)) {
             eprintln!(
-                "  back-to-back, CPU per client write instead of per event: median of per-round ratios {w:.2}×"
+                "  back-to-back, CPU per client write instead of per event: median of per-round ratios {w}"
             );
         }
         for ((k, mut b), mut p) in cpu_kinds.iter().zip(blasts).zip(paceds) {
@@ -437,7 +438,6 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The median round (by CPU per event).
 /// The median of `v` (the mean of the two middle values when their number is even).
 fn mid(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -449,6 +449,66 @@ fn mid(v: &mut [f64]) -> f64 {
     }
 }
 
+/// A median of per-round ratios, with a distribution-free confidence interval for it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ratio {
+    median: f64,
+    /// The interval `[x(k), x(n+1-k)]` of the sorted ratios: it holds the true median with
+    /// probability `confidence`, whatever the ratios' distribution (rounds independent).
+    lo: f64,
+    hi: f64,
+    confidence: f64,
+}
+
+impl Ratio {
+    /// The median of `v` and the narrowest interval of order statistics that holds the median with
+    /// at least 95% confidence: the number of ratios below the true median is binomial (n, ½), so
+    /// `[x(k), x(n+1-k)]` misses it with probability `2·P(B ≤ k−1)`. With fewer than six rounds no
+    /// such interval reaches 95%, and the widest one (lowest to highest) is given with its own
+    /// confidence (5 rounds: 93.8%). `None` for no rounds.
+    fn of(v: &mut [f64]) -> Option<Ratio> {
+        if v.is_empty() {
+            return None;
+        }
+        let median = mid(v);
+        let n = v.len();
+        let coverage = |k: usize| {
+            // 1 − 2·Σ_{i<k} C(n, i) / 2^n, summed in floating point (n is a few dozen at most).
+            let mut c = 1.0f64;
+            let mut tail = 0.0f64;
+            for i in 0..k {
+                tail += c;
+                c = c * (n - i) as f64 / (i + 1) as f64;
+            }
+            1.0 - 2.0 * tail / 2f64.powi(n as i32)
+        };
+        let mut k = 1;
+        while 2 * (k + 1) <= n + 1 && coverage(k + 1) >= 0.95 {
+            k += 1;
+        }
+        Some(Ratio {
+            median,
+            lo: v[k - 1],
+            hi: v[n - k],
+            confidence: coverage(k),
+        })
+    }
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2}× ({:.2}–{:.2}, {:.0}%)",
+            self.median,
+            self.lo,
+            self.hi,
+            self.confidence * 100.0
+        )
+    }
+}
+
+/// The median round (by CPU per event).
 fn median(v: &mut [Cpu]) -> Cpu {
     v.sort_by(|a, b| a.ns_per_event.total_cmp(&b.ns_per_event));
     v[v.len() / 2].clone()
@@ -528,8 +588,8 @@ fn report(
     pinned: bool,
     quick: bool,
     nginx: bool,
-    lat_ratio: Option<(f64, f64)>,
-    cpu_ratio: Option<(f64, f64)>,
+    lat_ratio: Option<(Ratio, Ratio)>,
+    cpu_ratio: Option<(Ratio, Ratio)>,
 ) -> String {
     let mut s = String::new();
     let direct = rows
@@ -726,13 +786,13 @@ fn report(
     if let Some((t, e)) = lat_ratio {
         let _ = writeln!(
             s,
-            "| added p99, median of per-round ratios, time to first byte / per-event delay | – | – | – | {t:.2}× / {e:.2}× |"
+            "| added p99, median of per-round ratios (interval for it, confidence), time to first byte / per-event delay | – | – | – | {t} / {e} |"
         );
     }
     if let Some((b, p)) = cpu_ratio {
         let _ = writeln!(
             s,
-            "| CPU per event, median of per-round ratios, back-to-back / paced | – | – | – | {b:.2}× / {p:.2}× |"
+            "| CPU per event, median of per-round ratios (interval for it, confidence), back-to-back / paced | – | – | – | {b} / {p} |"
         );
     }
     if !nginx {
@@ -742,4 +802,44 @@ fn report(
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ratio;
+
+    #[test]
+    fn ratio_interval_is_the_order_statistics_of_the_binomial_tables() {
+        // n = 10: [x(2), x(9)] holds the median with 1 − 2·11/1024 = 97.9%; [x(3), x(8)] only
+        // with 1 − 2·56/1024 = 89.1%, under 95%.
+        let mut v: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        let r = Ratio::of(&mut v).unwrap();
+        assert_eq!((r.median, r.lo, r.hi), (5.5, 2.0, 9.0));
+        assert!((r.confidence - (1.0 - 22.0 / 1024.0)).abs() < 1e-12);
+        // n = 9: [x(2), x(8)], 1 − 2·10/512 = 96.1%.
+        let mut v: Vec<f64> = (1..=9).map(f64::from).collect();
+        let r = Ratio::of(&mut v).unwrap();
+        assert_eq!((r.median, r.lo, r.hi), (5.0, 2.0, 8.0));
+        assert!((r.confidence - (1.0 - 20.0 / 512.0)).abs() < 1e-12);
+        // n = 21: [x(6), x(16)], 1 − 2·(1 + 21 + 210 + 1330 + 5985 + 20349)/2^21 = 97.3%.
+        let mut v: Vec<f64> = (1..=21).map(f64::from).collect();
+        let r = Ratio::of(&mut v).unwrap();
+        assert_eq!((r.median, r.lo, r.hi), (11.0, 6.0, 16.0));
+        assert!((r.confidence - (1.0 - 2.0 * 27896.0 / 2097152.0)).abs() < 1e-12);
+        // n = 5: no interval reaches 95%; the widest, lowest to highest, holds it with 93.75%.
+        let mut v = vec![1.1, 0.9, 1.0, 1.3, 0.8];
+        let r = Ratio::of(&mut v).unwrap();
+        assert_eq!((r.median, r.lo, r.hi), (1.0, 0.8, 1.3));
+        assert!((r.confidence - 0.9375).abs() < 1e-12);
+        // One round: the interval is the round itself, with no confidence to speak of.
+        let r = Ratio::of(&mut [1.2]).unwrap();
+        assert_eq!((r.median, r.lo, r.hi, r.confidence), (1.2, 1.2, 1.2, 0.0));
+        assert_eq!(Ratio::of(&mut []), None);
+        assert_eq!(
+            Ratio::of(&mut [1.0, 2.0, 3.0, 4.0, 5.0])
+                .unwrap()
+                .to_string(),
+            "3.00× (1.00–5.00, 94%)"
+        );
+    }
 }
