@@ -45,6 +45,8 @@ struct Opts {
     targets: Vec<String>,
     /// Rounds of the CPU measurement, when not the default.
     cpu_rounds: Option<usize>,
+    /// Measure nothing: pool the per-round ratios that earlier runs printed to these files.
+    pool: Vec<PathBuf>,
 }
 
 impl Opts {
@@ -65,6 +67,7 @@ fn opts() -> Result<Opts, String> {
         only: Vec::new(),
         targets: Vec::new(),
         cpu_rounds: None,
+        pool: Vec::new(),
     };
     let list = |v: Option<String>, what: &str, allowed: &[&str]| -> Result<Vec<String>, String> {
         let v = v.ok_or(format!("{what} needs a comma-separated list"))?;
@@ -97,11 +100,17 @@ fn opts() -> Result<Opts, String> {
                     _ => return Err(format!("--cpu-rounds: {v:?} is not a positive number")),
                 }
             }
+            "--pool" => {
+                o.pool = args.by_ref().map(PathBuf::from).collect();
+                if o.pool.is_empty() {
+                    return Err("--pool needs the files that earlier runs' stderr went to".into());
+                }
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: loadtest [--quick] [--no-nginx] [--out FILE] \\
                      [--only latency,cpu,disconnect,memory] [--targets direct,streamgate,nginx] \\
-                     [--cpu-rounds N]"
+                     [--cpu-rounds N]\n       loadtest --pool STDERR_FILE..."
                 );
                 std::process::exit(0);
             }
@@ -119,6 +128,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !o.pool.is_empty() {
+        match pool(&o.pool) {
+            Ok(s) => print!("{s}"),
+            Err(e) => {
+                eprintln!("loadtest: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     // Pin before the runtime starts threads: harness on core 1, targets on core 0.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2
@@ -264,6 +283,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                 eprintln!(
                     "  median of per-round ratios of added p99 (interval for it, confidence), streamgate, nginx: time to first byte {t}, per-event delay {e}"
                 );
+                eprintln!("    rounds, time to first byte: {}", list(&t.rounds));
+                eprintln!("    rounds, per-event delay: {}", list(&e.rounds));
                 lat_ratio = Some((t, e));
             }
         }
@@ -335,11 +356,13 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
         };
         let per_event: fn(&Cpu) -> f64 = |c| c.ns_per_event;
         cpu_ratio = paired(&blasts, per_event).zip(paired(&paceds, per_event));
-        if let Some((b, p)) = cpu_ratio {
+        if let Some((b, p)) = &cpu_ratio {
             eprintln!(
                 "  median of per-round ratios (interval for it, confidence), {}: back-to-back {b}, paced {p}",
                 names(&cpu_kinds)
             );
+            eprintln!("    rounds, back-to-back: {}", list(&b.rounds));
+            eprintln!("    rounds, paced: {}", list(&p.rounds));
         }
         // Back-to-back, CPU per event follows how many events each read-and-write finds, which the
         // harness's timing sets: CPU per client write (one such cycle) separates the two.
@@ -450,7 +473,7 @@ fn mid(v: &mut [f64]) -> f64 {
 }
 
 /// A median of per-round ratios, with a distribution-free confidence interval for it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Ratio {
     median: f64,
     /// The interval `[x(k), x(n+1-k)]` of the sorted ratios: it holds the true median with
@@ -458,6 +481,8 @@ struct Ratio {
     lo: f64,
     hi: f64,
     confidence: f64,
+    /// The per-round ratios, sorted: printed so that several runs can be pooled.
+    rounds: Vec<f64>,
 }
 
 impl Ratio {
@@ -491,6 +516,7 @@ impl Ratio {
             lo: v[k - 1],
             hi: v[n - k],
             confidence: coverage(k),
+            rounds: v.to_vec(),
         })
     }
 }
@@ -506,6 +532,61 @@ impl std::fmt::Display for Ratio {
             self.confidence * 100.0
         )
     }
+}
+
+/// The per-round ratios of several runs (the `rounds, NAME: ...` lines of their stderr), pooled per
+/// measure: the median over all rounds, with its interval. Runs on one day and build only: rounds of
+/// different builds or machines are not one distribution.
+fn pool(files: &[PathBuf]) -> Result<String, String> {
+    let mut by: Vec<(String, Vec<f64>, usize)> = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        for line in text.lines() {
+            let Some((name, values)) = line
+                .trim()
+                .strip_prefix("rounds, ")
+                .and_then(|l| l.split_once(": "))
+            else {
+                continue;
+            };
+            let values = values
+                .split_whitespace()
+                .map(|v| {
+                    v.parse::<f64>()
+                        .map_err(|e| format!("{}: {v:?} in {line:?}: {e}", f.display()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            match by.iter_mut().find(|(n, _, _)| n == name) {
+                Some((_, all, runs)) => {
+                    all.extend(values);
+                    *runs += 1;
+                }
+                None => by.push((name.to_string(), values, 1)),
+            }
+        }
+    }
+    if by.is_empty() {
+        return Err(
+            "no `rounds, ...` lines in those files (they are what the harness prints to stderr)"
+                .into(),
+        );
+    }
+    let mut s = String::from("| streamgate / nginx, per-round ratios pooled | runs | rounds | median (interval for it, confidence) |\n|---|---:|---:|---:|\n");
+    for (name, mut all, runs) in by {
+        let n = all.len();
+        if let Some(r) = Ratio::of(&mut all) {
+            let _ = writeln!(s, "| {name} | {runs} | {n} | {r} |");
+        }
+    }
+    Ok(s)
+}
+
+/// Ratios as a space-separated list, three decimals each.
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The median round (by CPU per event).
@@ -806,7 +887,7 @@ fn report(
 
 #[cfg(test)]
 mod tests {
-    use super::Ratio;
+    use super::{pool, Ratio};
 
     #[test]
     fn ratio_interval_is_the_order_statistics_of_the_binomial_tables() {
@@ -830,10 +911,12 @@ mod tests {
         let mut v = vec![1.1, 0.9, 1.0, 1.3, 0.8];
         let r = Ratio::of(&mut v).unwrap();
         assert_eq!((r.median, r.lo, r.hi), (1.0, 0.8, 1.3));
+        assert_eq!(r.rounds, [0.8, 0.9, 1.0, 1.1, 1.3]);
         assert!((r.confidence - 0.9375).abs() < 1e-12);
         // One round: the interval is the round itself, with no confidence to speak of.
         let r = Ratio::of(&mut [1.2]).unwrap();
         assert_eq!((r.median, r.lo, r.hi, r.confidence), (1.2, 1.2, 1.2, 0.0));
+        assert_eq!(r.rounds, [1.2]);
         assert_eq!(Ratio::of(&mut []), None);
         assert_eq!(
             Ratio::of(&mut [1.0, 2.0, 3.0, 4.0, 5.0])
@@ -841,5 +924,35 @@ mod tests {
                 .to_string(),
             "3.00× (1.00–5.00, 94%)"
         );
+    }
+
+    #[test]
+    fn pool_gathers_each_measures_rounds_over_runs_and_names_bad_input() {
+        let dir = std::env::temp_dir().join(format!("loadtest-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b, bad) = (dir.join("a.err"), dir.join("b.err"), dir.join("bad.err"));
+        std::fs::write(
+            &a,
+            "== cpu: 3 rounds\n    rounds, paced: 0.900 1.000 1.100\n    rounds, back-to-back: 2.000\n",
+        )
+        .unwrap();
+        std::fs::write(&b, "noise\n    rounds, paced: 1.200 0.800\n").unwrap();
+        std::fs::write(&bad, "    rounds, paced: 1.0 x\n").unwrap();
+        let table = pool(&[a.clone(), b]).unwrap();
+        assert!(
+            table.contains("| paced | 2 | 5 | 1.00× (0.80–1.20, 94%) |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| back-to-back | 1 | 1 | 2.00× (2.00–2.00, 0%) |"),
+            "{table}"
+        );
+        let e = pool(&[bad]).unwrap_err();
+        assert!(e.contains("bad.err") && e.contains("\"x\""), "{e}");
+        let e = pool(&[dir.join("absent.err")]).unwrap_err();
+        assert!(e.contains("absent.err"), "{e}");
+        std::fs::write(&a, "nothing here\n").unwrap();
+        assert!(pool(&[a]).unwrap_err().contains("no `rounds, ...` lines"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
