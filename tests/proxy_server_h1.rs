@@ -229,6 +229,76 @@ async fn a_stream_the_upstream_cuts_does_not_end_cleanly() {
 }
 
 #[tokio::test]
+async fn a_stream_with_broken_chunked_framing_is_cut_and_its_connection_not_reused() {
+    // A raw upstream: one event, then, once the client has it, a size line with no digits (a
+    // decoder that read it as the last chunk would end the answer cleanly and pool the connection).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, mut go_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<usize>(4);
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let got = s.read(&mut buf).await.unwrap();
+                assert!(got > 0, "the proxy closed before its request was in");
+                head.extend_from_slice(&buf[..got]);
+            }
+            if nth == 1 {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+                    .await
+                    .unwrap();
+                go_rx.recv().await.unwrap();
+                s.write_all(b"\r\n\r\n").await.unwrap();
+            } else {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                // Whatever else comes on this connection, until the proxy closes it.
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                let _ = closed.send(nth).await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&config(&[addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /s HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    c.read_until(b"data: 1\n\n").await;
+    go_tx.send(()).await.unwrap();
+    let (raw, _) = within("the cut", c.read_to_end()).await;
+    let (head, body) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let (payload, terminated) = dechunk(&body);
+    assert_eq!(payload, b"data: 1\n\n");
+    assert!(
+        !terminated,
+        "a body with broken framing must not end cleanly"
+    );
+    // The upstream connection is closed, not pooled: the next request gets a connection of its own.
+    assert_eq!(
+        within("the upstream close", closed_rx.recv()).await,
+        Some(1)
+    );
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = within("the next answer", c.read_to_end()).await;
+    let (head, body) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(body, b"ok");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_close_at_shutdown() {
     let up = echo().await;
     let mut toml = config(&[up.addr], "");

@@ -482,9 +482,12 @@ fn framing(method: &Method, h: &Head) -> Framing {
 }
 
 /// Incremental chunked decoder state (sizes and CRLFs; data bytes go straight to the output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum ChunkState {
-    /// Reading a chunk size: the digits so far (a size line may span reads).
+    /// At a chunk's start: its size line has no digit yet.
+    #[default]
+    Start,
+    /// Reading a chunk size: the digits so far, at least one (a size line may span reads).
     Size(u64),
     SizeExt(u64),
     SizeLf(u64),
@@ -509,17 +512,11 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
-impl Default for ChunkState {
-    fn default() -> Self {
-        ChunkState::Size(0)
-    }
-}
-
 /// The data of `input` when it is exactly one whole chunk of data, `<hex size>\r\n<data>\r\n`, read at
 /// a chunk's start (`st`): what [`decode_chunked`] would give, without gathering it first. Anything
 /// else (an extension, a bare LF, a cut chunk, more than one chunk, the last chunk) is `None`.
 fn whole_chunk(st: ChunkState, input: &[u8]) -> Option<&[u8]> {
-    if st != ChunkState::Size(0) {
+    if st != ChunkState::Start {
         return None;
     }
     // Sixteen hex digits hold any u64; a longer size is left to the decoder, which rejects it.
@@ -564,11 +561,20 @@ fn decode_chunked(
         // the CRLF after a chunk's data. Anything else (an extension, a line cut by the end of a
         // read, a bad byte) is taken byte by byte below.
         match *st {
-            ChunkState::Size(mut n) => {
+            ChunkState::Start | ChunkState::Size(_) => {
+                let mut n = match *st {
+                    ChunkState::Size(n) => n,
+                    _ => 0,
+                };
                 let digits = input[i..]
                     .iter()
                     .take_while(|b| b.is_ascii_hexdigit())
                     .count();
+                if digits == 0 && *st == ChunkState::Start {
+                    // RFC 9112: `chunk-size = 1*HEXDIG`. An empty size line is not a zero: read as
+                    // one, garbage would end the body as if it were whole.
+                    return Err(bad("chunk size"));
+                }
                 for &b in &input[i..i + digits] {
                     let d = hex_value(b);
                     n = n
@@ -596,6 +602,8 @@ fn decode_chunked(
         }
         let b = input[i];
         match *st {
+            // Handled above: a size line's first byte is a digit, or an error.
+            ChunkState::Start => return Err(bad("chunk size")),
             // The digits were all taken above: what follows them.
             ChunkState::Size(n) => match b {
                 b';' | b' ' | b'\t' => *st = ChunkState::SizeExt(n),
@@ -893,29 +901,27 @@ mod tests {
             for a in 0..=msg.len() {
                 for b in a..=msg.len() {
                     let piece = &msg[a..b];
-                    let Some(data) = whole_chunk(ChunkState::Size(0), piece) else {
+                    let Some(data) = whole_chunk(ChunkState::Start, piece) else {
                         continue;
                     };
                     taken += 1;
-                    let mut st = ChunkState::Size(0);
+                    let mut st = ChunkState::Start;
                     let mut out = Vec::new();
                     let used = decode_chunked(&mut st, piece, &mut out).unwrap();
-                    assert_eq!(
-                        (data, used, st),
-                        (&out[..], piece.len(), ChunkState::Size(0))
-                    );
+                    assert_eq!((data, used, st), (&out[..], piece.len(), ChunkState::Start));
                 }
             }
         }
         // The seven whole chunks of the messages, and shorter pieces that happen to be chunks.
         assert!(taken >= 7, "{taken} pieces taken");
         assert_eq!(
-            whole_chunk(ChunkState::Size(0), b"3\r\nabc\r\n"),
+            whole_chunk(ChunkState::Start, b"3\r\nabc\r\n"),
             Some(&b"abc"[..])
         );
         // Not at a chunk start: the same bytes are data.
         assert_eq!(whole_chunk(ChunkState::Data(11), b"3\r\nabc\r\n"), None);
         assert_eq!(whole_chunk(ChunkState::Size(1), b"3\r\nabc\r\n"), None);
+        assert_eq!(whole_chunk(ChunkState::Size(0), b"3\r\nabc\r\n"), None);
         for other in [
             &b"0\r\n\r\n"[..],
             b"3\r\nabc\r",
@@ -923,7 +929,7 @@ mod tests {
             b"\r\nabc\r\n",
             b"",
         ] {
-            assert_eq!(whole_chunk(ChunkState::Size(0), other), None, "{other:?}");
+            assert_eq!(whole_chunk(ChunkState::Start, other), None, "{other:?}");
         }
     }
 
@@ -934,6 +940,121 @@ mod tests {
         assert!(decode_all(&[b"fffffffffffffffff\r\n"]).is_err());
         let (out, st, _) = decode_all(&[b"3\nabc\n0\n\n"]).unwrap();
         assert_eq!((out.as_slice(), st), (&b"abc"[..], ChunkState::Done));
+    }
+
+    /// A size line needs a digit (RFC 9112: `chunk-size = 1*HEXDIG`). Read as a zero, an empty one
+    /// would end the body cleanly where the upstream sent garbage: the client would take a truncated
+    /// answer for a whole one, and the connection, its framing lost, could go back to the pool.
+    #[test]
+    fn chunked_rejects_a_size_line_without_digits() {
+        for msg in [
+            &b"\r\n\r\n"[..],
+            b"\n\n",
+            b";ext\r\n\r\n",
+            b" 3\r\nabc\r\n",
+            b"3\r\nabc\r\n\r\n\r\n",
+            b"3\r\nabc\r\n;x\r\n",
+        ] {
+            for cut in 0..=msg.len() {
+                assert!(
+                    decode_all(&[&msg[..cut], &msg[cut..]]).is_err(),
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(msg)
+                );
+            }
+        }
+        // A zero, however written, is the last chunk.
+        for last in [
+            &b"0\r\n\r\n"[..],
+            b"000\r\n\r\n",
+            b"0;x=1\r\n\r\n",
+            b"0\n\n",
+        ] {
+            let (out, st, _) = decode_all(&[last]).unwrap();
+            assert_eq!((out.as_slice(), st), (&b""[..], ChunkState::Done));
+        }
+    }
+
+    /// One chunk's size line in one of the shapes senders use, and its data's line end.
+    fn encode_chunk(data: &[u8], shape: u8, out: &mut Vec<u8>) {
+        let size = match shape % 4 {
+            0 => format!("{:x}\r\n", data.len()),
+            1 => format!("{:06X}\r\n", data.len()),
+            2 => format!("{:x} ; name=\"v\"\r\n", data.len()),
+            _ => format!("{:x}\n", data.len()),
+        };
+        out.extend_from_slice(size.as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(if shape % 3 == 0 { b"\n" } else { b"\r\n" });
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes at all, cut into three reads anywhere: no panic, and the same answer as in one
+        /// read (the same data and state, or an error both ways).
+        #[test]
+        fn chunked_any_bytes_cut_anywhere_give_the_same_answer(
+            msg in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(b"0123456789abcdefABCDEF\r\n; \tzx".to_vec()),
+                    proptest::prelude::any::<u8>(),
+                ],
+                0..64,
+            ),
+            a in 0usize..65,
+            b in 0usize..65,
+        ) {
+            let (a, b) = (a.min(msg.len()), b.min(msg.len()));
+            let (a, b) = (a.min(b), a.max(b));
+            let whole = decode_all(&[&msg]).map(|(out, st, _)| (out, st));
+            let cut = decode_all(&[&msg[..a], &msg[a..b], &msg[b..]]).map(|(out, st, _)| (out, st));
+            proptest::prop_assert_eq!(whole.is_ok(), cut.is_ok(), "{:?}", String::from_utf8_lossy(&msg));
+            if let (Ok(whole), Ok(cut)) = (whole, cut) {
+                proptest::prop_assert_eq!(whole, cut);
+            }
+            // The fast path never disagrees with the decoder where it answers.
+            if let Some(data) = whole_chunk(ChunkState::default(), &msg) {
+                let mut st = ChunkState::default();
+                let mut out = Vec::new();
+                let used = decode_chunked(&mut st, &msg, &mut out).unwrap();
+                proptest::prop_assert_eq!((data, used, st), (&out[..], msg.len(), ChunkState::default()));
+            }
+        }
+
+        /// Well-formed bodies (chunks of any size in every size-line shape, then the last chunk and
+        /// trailers), cut into three reads anywhere, decode to their data and end where they end.
+        #[test]
+        fn chunked_well_formed_bodies_decode_to_their_data(
+            chunks in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), proptest::prelude::any::<u8>()),
+                0..6,
+            ),
+            trailers in proptest::prelude::any::<bool>(),
+            cuts in (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<proptest::sample::Index>()),
+        ) {
+            let mut msg = Vec::new();
+            let mut want = Vec::new();
+            for (data, shape) in &chunks {
+                encode_chunk(data, *shape, &mut msg);
+                want.extend_from_slice(data);
+            }
+            msg.extend_from_slice(if trailers { &b"0\r\nx-usage: 12\r\nx-more: 1\r\n\r\n"[..] } else { b"0\r\n\r\n" });
+            let end = msg.len();
+            msg.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            let (a, b) = (cuts.0.index(msg.len() + 1), cuts.1.index(msg.len() + 1));
+            let (a, b) = (a.min(b), a.max(b));
+            let mut st = ChunkState::default();
+            let mut out = Vec::new();
+            let mut used = 0;
+            for part in [&msg[..a], &msg[a..b], &msg[b..]] {
+                used += decode_chunked(&mut st, part, &mut out).unwrap();
+            }
+            proptest::prop_assert_eq!(out, want);
+            proptest::prop_assert_eq!(st, ChunkState::Done);
+            // Nothing past the message is taken: it belongs to the next response.
+            proptest::prop_assert_eq!(used, end);
+        }
     }
 
     fn head(status: u16, headers: &[(&'static str, &'static str)]) -> Head {
