@@ -263,4 +263,111 @@ mod tests {
         let raw = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert!(matches!(parsed(raw.as_bytes()), Err((s, _)) if s == 431));
     }
+
+    /// Pieces of request heads, good and bad, for the property test below.
+    // Good pieces, then bad ones: `piece` picks a good one 19 times in 20.
+    const METHODS: (&[&str], &[&str]) =
+        (&["GET", "POST", "HEAD", "OPTIONS"], &["G T", "", "POST\0"]);
+    const TARGETS: (&[&str], &[&str]) = (
+        &["/", "/v1/chat?x=1", "*", "http://a/b"],
+        &["/\x7f", "", "/a b"],
+    );
+    const VERSIONS: (&[&str], &[&str]) = (
+        &["HTTP/1.1", "HTTP/1.0"],
+        &["HTTP/2.0", "HTTP/1.1 ", "http/1.1"],
+    );
+    const NAMES: (&[&str], &[&str]) = (
+        &[
+            "host",
+            "content-length",
+            "Content-Length",
+            "transfer-encoding",
+            "connection",
+            "expect",
+            "te",
+            "x-a",
+        ],
+        &["bad name", "", "x\u{e9}"],
+    );
+    const VALUES: (&[&str], &[&str]) = (
+        &[
+            "x",
+            "0",
+            "5",
+            "65537",
+            "1, 1",
+            "1, 2",
+            "chunked",
+            "close",
+            "Keep-Alive, CLOSE",
+            "100-continue",
+            "trailers;q=1",
+            "",
+            " a\tb ",
+        ],
+        &["+1", "-1", "99999999999999999999", "\u{7f}", "a\rb"],
+    );
+
+    fn piece(
+        (good, bad): (&'static [&'static str], &'static [&'static str]),
+    ) -> impl proptest::prelude::Strategy<Value = &'static str> {
+        proptest::prop_oneof![
+            19 => proptest::sample::select(good),
+            1 => proptest::sample::select(bad),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Whatever a client sends (heads of good and bad pieces, with line ends of either kind,
+        /// and random bytes written over any place): parsing answers without panicking; a head it
+        /// takes is within the bytes and the limits, and no shorter prefix of it was taken as a
+        /// whole head; a refusal is a 4xx with a reason.
+        #[test]
+        fn any_request_bytes_parse_without_panic_and_within_limits(
+            line in (piece(METHODS), piece(TARGETS), piece(VERSIONS)),
+            headers in proptest::collection::vec((piece(NAMES), piece(VALUES)), 0..8),
+            bare_lf in proptest::prelude::any::<bool>(),
+            noise in proptest::option::weighted(0.25, (
+                proptest::prelude::any::<proptest::sample::Index>(),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 1..4),
+            )),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+        ) {
+            let eol = if bare_lf { "\n" } else { "\r\n" };
+            let mut text = format!("{} {} {}{eol}", line.0, line.1, line.2);
+            for (name, value) in &headers {
+                text.push_str(&format!("{name}: {value}{eol}"));
+            }
+            text.push_str(eol);
+            let mut raw = text.into_bytes();
+            if let Some((at, bytes)) = noise {
+                let at = at.index(raw.len());
+                for (i, b) in bytes.into_iter().enumerate() {
+                    if let Some(slot) = raw.get_mut(at + i) {
+                        *slot = b;
+                    }
+                }
+            }
+            raw.extend_from_slice(&body);
+            match parsed(&raw) {
+                Ok(Some(Parsed::Head(h))) => {
+                    proptest::prop_assert!(h.head_len <= raw.len() && h.head_len <= MAX_HEAD);
+                    proptest::prop_assert!(h.body_len as u64 <= MAX_BODY);
+                    for k in 0..h.head_len {
+                        proptest::prop_assert!(
+                            matches!(parsed(&raw[..k]), Ok(None)),
+                            "prefix of {} bytes of {:?}", k, String::from_utf8_lossy(&raw)
+                        );
+                    }
+                }
+                Ok(Some(Parsed::Handover)) | Ok(None) => {}
+                Err((status, why)) => {
+                    proptest::prop_assert!(status.is_client_error(), "{}", status);
+                    proptest::prop_assert!(!why.is_empty());
+                }
+            }
+        }
+    }
 }
