@@ -298,6 +298,139 @@ async fn a_stream_with_broken_chunked_framing_is_cut_and_its_connection_not_reus
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+/// A raw upstream that answers each request (a head without a body) on its `n`-th connection
+/// with `answers[n]` (the last one for every later connection), then closes the connection if the
+/// answer says so. Returns its address and the number of connections it accepted.
+async fn scripted_upstream(
+    answers: Vec<(Vec<u8>, bool)>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (answer, close) = answers[nth.min(answers.len() - 1)].clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if s.write_all(&answer).await.is_err() || close {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(got) => pending.extend_from_slice(&buf[..got]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn malformed_upstream_responses_are_502_with_a_json_body() {
+    let mut big = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 70_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a status of four digits",
+            b"HTTP/1.1 2000 OK\r\n\r\n".to_vec(),
+        ),
+        ("a status under 100", b"HTTP/1.1 099 Low\r\n\r\n".to_vec()),
+        ("an unknown version", b"HTTP/9.9 200 OK\r\n\r\n".to_vec()),
+        ("not HTTP", b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()),
+        (
+            "a header line without a colon",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n".to_vec(),
+        ),
+        (
+            "a NUL in a header value",
+            b"HTTP/1.1 200 OK\r\nx-a: a\0b\r\n\r\n".to_vec(),
+        ),
+        (
+            "a protocol switch",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec(),
+        ),
+        ("a head over 64 KiB", big),
+        (
+            "two different lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nab".to_vec(),
+        ),
+        (
+            "a length that is not a number",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2x\r\n\r\nab".to_vec(),
+        ),
+        (
+            "a signed length",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nab".to_vec(),
+        ),
+        (
+            "a close before the head ends",
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\n".to_vec(),
+        ),
+    ];
+    for (what, answer) in bad {
+        let close = what.starts_with("a close");
+        let (addr, accepted) = scripted_upstream(vec![(answer, close)]).await;
+        let proxy = Proxy::start(&config(&[addr], "")).await;
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send("GET /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
+        let (raw, _) = within(what, c.read_to_end()).await;
+        let (head, body) = split_head(&raw);
+        assert!(
+            head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+            "{what}: {head}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
+        assert_eq!(v["error"]["type"], "upstream_error", "{what}");
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_response_with_both_lengths_is_framed_by_its_transfer_encoding_only() {
+    // RFC 9112 §6.1: Transfer-Encoding overrides Content-Length, and an intermediary removes the
+    // Content-Length before forwarding: a client framing by it would take the rest of the body for
+    // the next response.
+    let (addr, _) = scripted_upstream(vec![(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
+        false,
+    )])
+    .await;
+    let proxy = Proxy::start(&config(&[addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send(
+        "GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (raw, _) = within("both answers", c.read_to_end()).await;
+    let answers = responses(&raw);
+    assert_eq!(answers.len(), 2, "{:?}", String::from_utf8_lossy(&raw));
+    for (head, payload) in answers {
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        assert_eq!(payload, "hello world");
+    }
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_close_at_shutdown() {
     let up = echo().await;

@@ -250,7 +250,12 @@ impl H1Endpoint {
                 Err(e) => return Err(e),
             }
         };
-        let framing = framing(&method, &resp);
+        let Some(framing) = framing(&method, &resp) else {
+            // The connection is dropped here, closed with whatever else the upstream sent.
+            return Err(SendError::BeforeResponse(
+                "the upstream's response has an invalid content-length".into(),
+            ));
+        };
         let reusable = resp.version == Version::HTTP_11 && !connection_has(&resp.headers, "close");
         let mut body = H1Body {
             io: Some(io),
@@ -453,12 +458,15 @@ enum Framing {
     Eof,
 }
 
-fn framing(method: &Method, h: &Head) -> Framing {
+/// The framing of a response to `method` with head `h`; `None` when it is invalid: no
+/// `Transfer-Encoding` and a `Content-Length` that is not one number. RFC 9112 §6.3: a proxy then
+/// closes the connection to the server, discards the response and answers 502 (as nginx does).
+fn framing(method: &Method, h: &Head) -> Option<Framing> {
     if method == Method::HEAD
         || h.status == StatusCode::NO_CONTENT
         || h.status == StatusCode::NOT_MODIFIED
     {
-        return Framing::Empty;
+        return Some(Framing::Empty);
     }
     if let Some(te) = h
         .headers
@@ -471,14 +479,17 @@ fn framing(method: &Method, h: &Head) -> Framing {
             .ok()
             .and_then(|s| s.rsplit(',').next())
             .map(|s| s.trim().to_ascii_lowercase());
-        return if last.as_deref() == Some("chunked") {
+        return Some(if last.as_deref() == Some("chunked") {
             Framing::Chunked
         } else {
             Framing::Eof
-        };
+        });
     }
-    // No length, or an invalid or conflicting one: read to the end and never reuse.
-    content_length(&h.headers).map_or(Framing::Eof, Framing::Length)
+    if !h.headers.contains_key(header::CONTENT_LENGTH) {
+        // No length: to the end, and the connection is not reused.
+        return Some(Framing::Eof);
+    }
+    content_length(&h.headers).map(Framing::Length)
 }
 
 /// Incremental chunked decoder state (sizes and CRLFs; data bytes go straight to the output).
@@ -1074,12 +1085,12 @@ mod tests {
         let get = Method::GET;
         assert_eq!(
             framing(&Method::HEAD, &head(200, &[("content-length", "5")])),
-            Framing::Empty
+            Some(Framing::Empty)
         );
-        assert_eq!(framing(&get, &head(204, &[])), Framing::Empty);
+        assert_eq!(framing(&get, &head(204, &[])), Some(Framing::Empty));
         assert_eq!(
             framing(&get, &head(304, &[("content-length", "5")])),
-            Framing::Empty
+            Some(Framing::Empty)
         );
         assert_eq!(
             framing(
@@ -1092,24 +1103,51 @@ mod tests {
                     ]
                 )
             ),
-            Framing::Chunked
+            Some(Framing::Chunked)
         );
         assert_eq!(
             framing(&get, &head(200, &[("transfer-encoding", "gzip")])),
-            Framing::Eof
+            Some(Framing::Eof)
         );
         assert_eq!(
             framing(&get, &head(200, &[("content-length", "5")])),
-            Framing::Length(5)
+            Some(Framing::Length(5))
         );
         assert_eq!(
             framing(
                 &get,
                 &head(200, &[("content-length", "5"), ("content-length", "6")])
             ),
-            Framing::Eof
+            None,
+            "conflicting lengths: the framing is invalid (a 502), not read to the end"
         );
-        assert_eq!(framing(&get, &head(200, &[])), Framing::Eof);
+        for bad in ["5, 6", "+5", "5x", "", "-1", "99999999999999999999"] {
+            assert_eq!(
+                framing(&get, &head(200, &[("content-length", bad)])),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            framing(&get, &head(200, &[("content-length", "5, 5")])),
+            Some(Framing::Length(5))
+        );
+        // Where the length does not frame the body, it is not looked at.
+        assert_eq!(
+            framing(&Method::HEAD, &head(200, &[("content-length", "x")])),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            framing(
+                &get,
+                &head(
+                    200,
+                    &[("transfer-encoding", "chunked"), ("content-length", "x")]
+                )
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(framing(&get, &head(200, &[])), Some(Framing::Eof));
         assert!(connection_has(
             &head(200, &[("connection", "keep-alive, Close")]).headers,
             "close"

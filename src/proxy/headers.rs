@@ -24,7 +24,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Remove hop-by-hop headers and every header named in `Connection`.
+/// Where `Transfer-Encoding` is in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_AT: usize = 7;
+
+/// Remove hop-by-hop headers and every header named in `Connection`; with `Transfer-Encoding`, also
+/// `Content-Length` (RFC 9112 §6.1: the transfer coding frames the message, and an intermediary removes
+/// the length before forwarding it, or the next hop would frame the body by the wrong one).
 ///
 /// Returns whether the removed `TE` asked for trailers (when `check_te` is set), so the caller can send
 /// `TE: trailers` on to HTTP/2 upstreams, which (like gRPC) rely on it.
@@ -54,6 +59,9 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, check_te: bool) -> bool {
         }
     }
     let te_trailers = check_te && list_has(h, header::TE, "trailers");
+    if present & (1 << TRANSFER_ENCODING_AT) != 0 {
+        h.remove(header::CONTENT_LENGTH);
+    }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             h.remove(n);
@@ -182,6 +190,21 @@ mod tests {
         h2.insert(header::TE, HeaderValue::from_static("gzip"));
         assert!(!strip_hop_by_hop(&mut h2, true));
         assert!(h2.is_empty());
+        // The transfer coding frames the message: its length goes with it, and only then.
+        let mut h3 = HeaderMap::new();
+        h3.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h3.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h3, false);
+        assert!(h3.is_empty(), "{h3:?}");
+        let mut h4 = HeaderMap::new();
+        h4.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h4.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        strip_hop_by_hop(&mut h4, false);
+        assert_eq!(h4.get(header::CONTENT_LENGTH).unwrap(), "3");
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_AT], header::TRANSFER_ENCODING);
     }
 
     #[test]
