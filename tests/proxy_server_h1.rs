@@ -194,6 +194,49 @@ async fn malformed_requests_get_400_with_a_reason_and_never_reach_the_upstream()
 }
 
 #[tokio::test]
+async fn requests_with_a_missing_doubled_or_invalid_host_get_400() {
+    let up = echo().await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let ask = |req: &'static str| async move {
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(req).await;
+        let (raw, _) = within(req, c.read_to_end()).await;
+        split_head(&raw)
+    };
+    for bad in [
+        "GET /a HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: a b\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: user@a\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: a:port\r\nconnection: close\r\n\r\n",
+    ] {
+        let (head, body) = ask(bad).await;
+        assert!(
+            head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{bad:?}: {head}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "bad_request", "{bad:?}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("Host"),
+            "{bad:?}: {v}"
+        );
+    }
+    assert_eq!(up.total_connections(), 0);
+    for good in [
+        "GET /a HTTP/1.0\r\n\r\n",
+        "GET http://a/a HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: [::1]:8080\r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: \r\nconnection: close\r\n\r\n",
+        "GET /a HTTP/1.1\r\nhost: example.com:443\r\nconnection: close\r\n\r\n",
+    ] {
+        let (head, body) = ask(good).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{good:?}: {head}");
+        assert_eq!(String::from_utf8_lossy(&body), "GET /a 0 0", "{good:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_stream_the_upstream_cuts_does_not_end_cleanly() {
     // The upstream fails once the client has its first event (hyper would drop a frame it had not
     // flushed yet when the error came right behind it).

@@ -95,6 +95,30 @@ impl tower::Service<Request<ClientBody>> for Forward {
     }
 }
 
+/// What is wrong with the request's `Host`, if anything (RFC 9112 §3.2, as nginx checks it): a 400
+/// for an HTTP/1.1 request without one (unless its target is in absolute form), for more than one,
+/// and for a value that is not a host and port. Routing and `X-Forwarded-Host` read it, and an
+/// upstream could read a second one that the proxy did not.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() == http::Version::HTTP_11 && req.uri().authority().is_none())
+            .then_some("an HTTP/1.1 request needs a Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("the request has more than one Host header");
+    }
+    // Empty is allowed: it is what a client sends when the target has no authority.
+    let valid = host.is_empty()
+        || (!host.as_bytes().contains(&b'@')
+            && http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| {
+                // `Authority` takes any text after the last colon; a port is digits that fit a u16.
+                let port = a.port().map_or(0, |p| p.as_str().len() + 1);
+                a.host().len() + port == a.as_str().len()
+            }));
+    (!valid).then_some("the request's Host header is not a valid host and port")
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -112,6 +136,9 @@ impl Forward {
                 ProxyErrorKind::MethodNotAllowed,
                 "CONNECT is not supported: streamgate is a reverse proxy",
             ));
+        }
+        if let Some(why) = host_problem(&req) {
+            return Err(ProxyError::new(ProxyErrorKind::BadRequest, why));
         }
         let Some(route) = self.route.clone() else {
             return Err(ProxyError::new(
