@@ -67,6 +67,95 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     assert!(rs[2].0.contains("connection: close"), "{}", rs[2].0);
 }
 
+#[test]
+fn pipelined_requests_cut_into_any_writes_are_answered_in_order() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+    use tokio::io::AsyncWriteExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (up, proxy) = rt.block_on(async {
+        let up = echo().await;
+        let proxy = Proxy::start(&config(&[up.addr], "")).await;
+        (up, proxy)
+    });
+    // Up to five requests: a GET or a POST with a body of up to 300 bytes (what the lean server
+    // reads itself), in one stream of bytes cut into writes of 1 to 64 bytes, each flushed on its own.
+    let request = (
+        any::<bool>(),
+        prop::collection::vec(any::<u8>(), 0..300),
+        "[a-z]{1,8}",
+    );
+    let case = (
+        prop::collection::vec(request, 1..6),
+        prop::collection::vec(1usize..64, 1..40),
+    );
+    let mut runner = TestRunner::new(RunnerConfig::with_cases(64));
+    runner
+        .run(&case, |(requests, cuts)| {
+            let mut wire = Vec::new();
+            let mut want = Vec::new();
+            let last = requests.len() - 1;
+            for (i, (post, body, path)) in requests.iter().enumerate() {
+                let close = if i == last {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                if *post {
+                    wire.extend_from_slice(
+                        format!(
+                            "POST /{path} HTTP/1.1\r\nhost: x\r\n{close}content-length: {}\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                    wire.extend_from_slice(body);
+                    let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+                    want.push(format!("POST /{path} {} {sum}", body.len()));
+                } else {
+                    wire.extend_from_slice(
+                        format!("GET /{path} HTTP/1.1\r\nhost: x\r\n{close}\r\n").as_bytes(),
+                    );
+                    want.push(format!("GET /{path} 0 0"));
+                }
+            }
+            let got = rt.block_on(async {
+                let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut rest = &wire[..];
+                for &n in cuts.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (now, later) = rest.split_at(n.min(rest.len()));
+                    s.write_all(now).await.unwrap();
+                    s.flush().await.unwrap();
+                    rest = later;
+                }
+                let mut raw = Vec::new();
+                within(
+                    "the answers",
+                    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw),
+                )
+                .await
+                .unwrap();
+                raw
+            });
+            let answers: Vec<String> = responses(&got).into_iter().map(|(_, b)| b).collect();
+            prop_assert_eq!(answers, want);
+            Ok(())
+        })
+        .unwrap();
+    rt.block_on(async move {
+        drop(proxy);
+        drop(up);
+    });
+}
+
 #[tokio::test]
 async fn a_body_arriving_after_its_head_is_waited_for() {
     let up = echo().await;
