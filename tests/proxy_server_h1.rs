@@ -564,6 +564,40 @@ async fn a_response_with_both_lengths_is_framed_by_its_transfer_encoding_only() 
 }
 
 #[tokio::test]
+async fn a_request_with_both_lengths_reaches_the_upstream_framed_once() {
+    // The other direction of RFC 9112 §6.1: the chunked body goes on without the Content-Length
+    // it overrides, or the upstream could frame it by the length and read the rest as a request.
+    // (Such a request goes to hyper, which drops the length already; `strip_hop_by_hop` would too.)
+    let up = Upstream::start(|req| async move {
+        let lengths = req.headers().get_all("content-length").iter().count();
+        let te = req.headers().contains_key("transfer-encoding");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        full(
+            200,
+            "text/plain",
+            format!(
+                "lengths={lengths} te={te} body={}",
+                String::from_utf8_lossy(&body)
+            ),
+        )
+    })
+    .await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await;
+    let (raw, _) = within("the answer", c.read_to_end()).await;
+    let (head, body) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.ends_with("body=hello"), "{body}");
+    assert!(
+        body.starts_with("lengths=0 "),
+        "the overridden length reached the upstream: {body}"
+    );
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_close_at_shutdown() {
     let up = echo().await;
     let mut toml = config(&[up.addr], "");
