@@ -109,14 +109,58 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
         return Some("the request has more than one Host header");
     }
     // Empty is allowed: it is what a client sends when the target has no authority.
-    let valid = host.is_empty()
-        || (!host.as_bytes().contains(&b'@')
-            && http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| {
-                // `Authority` takes any text after the last colon; a port is digits that fit a u16.
-                let port = a.port().map_or(0, |p| p.as_str().len() + 1);
-                a.host().len() + port == a.as_str().len()
-            }));
-    (!valid).then_some("the request's Host header is not a valid host and port")
+    (!host.is_empty() && !valid_host(host.as_bytes()))
+        .then_some("the request's Host header is not a valid host and port")
+}
+
+/// Whether `h` is `uri-host [ ":" port ]` (RFC 9110 §7.2): a bracketed IP literal or a registered
+/// name (unreserved, sub-delims and `%`), then a port of at most five digits. Checked by hand: the
+/// `Authority` parser copies the value into a new allocation, on every request.
+fn valid_host(h: &[u8]) -> bool {
+    let (host, port) = match h.iter().rposition(|&b| b == b':') {
+        // A colon inside brackets belongs to an IPv6 literal, not to a port.
+        Some(i) if !h[i..].contains(&b']') => (&h[..i], Some(&h[i + 1..])),
+        _ => (h, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5 && p.iter().all(u8::is_ascii_digit) && {
+            let n = p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+            n <= 65_535
+        }
+    });
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        _ => {
+            !host.is_empty()
+                && host.iter().all(|&b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(
+                            b,
+                            b'-' | b'.'
+                                | b'_'
+                                | b'~'
+                                | b'%'
+                                | b'!'
+                                | b'$'
+                                | b'&'
+                                | b'\''
+                                | b'('
+                                | b')'
+                                | b'*'
+                                | b'+'
+                                | b','
+                                | b';'
+                                | b'='
+                        )
+                })
+        }
+    };
+    host_ok && port_ok
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -394,6 +438,53 @@ impl AttemptError {
         match self {
             AttemptError::Hyper(e) => error_chain(e),
             AttemptError::H1(e) => e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn hosts_are_a_name_or_an_ip_literal_then_a_port() {
+        for good in [
+            "a",
+            "example.com",
+            "example.com.",
+            "example.com:443",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "[::1]",
+            "[::1]:8080",
+            "[2001:db8::7]:0",
+            "xn--bcher-kva.example",
+            "a_b-c~d",
+            "a:",
+            "a:65535",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "a b",
+            "user@a",
+            "a:port",
+            "a:65536",
+            "a:123456",
+            ":80",
+            "[::1",
+            "::1]",
+            "[]",
+            "[::1]x",
+            "[zz]",
+            "a/b",
+            "a?b",
+            "a#b",
+            "a\"b",
+            "\u{e9}.example",
+            "a:8080:1",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }
     }
 }
