@@ -393,8 +393,23 @@ struct RawRoute {
     host: Option<String>,
     pool: Option<String>,
     host_header: Option<String>,
-    #[serde(flatten)]
-    stream: RawStream,
+    // The stream settings of [`RawStream`], spelled out: a `#[serde(flatten)]` field loses toml's
+    // spans, and an unknown or mistyped key in a route was reported against `[[routes]]` as a whole.
+    idle_timeout: Option<String>,
+    keepalive_interval: Option<String>,
+    first_byte_timeout: Option<String>,
+    ndjson_keepalive: Option<String>,
+}
+
+impl RawRoute {
+    fn stream(&self) -> RawStream {
+        RawStream {
+            idle_timeout: self.idle_timeout.clone(),
+            keepalive_interval: self.keepalive_interval.clone(),
+            first_byte_timeout: self.first_byte_timeout.clone(),
+            ndjson_keepalive: self.ndjson_keepalive.clone(),
+        }
+    }
 }
 
 /// The name of the pool `--upstream` fills, and of the route created for it when the file has none.
@@ -584,12 +599,32 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     if key.is_empty() || key.starts_with('[') {
         return None;
     }
-    let table = text[..start]
+    let before = &text[..start];
+    let table = before
         .lines()
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        .map(|header| {
+            // Without a comment after the header.
+            let header = header.split('#').next().unwrap_or("").trim();
+            let name = header.trim_matches(|c| c == '[' || c == ']').trim();
+            if header.starts_with("[[") {
+                // An array of tables: which one, counting its headers so far (`routes[1]`).
+                let nth = before
+                    .lines()
+                    .map(str::trim)
+                    .map(|l| l.split('#').next().unwrap_or("").trim())
+                    .filter(|l| {
+                        l.starts_with("[[")
+                            && l.trim_matches(|c| c == '[' || c == ']').trim() == name
+                    })
+                    .count();
+                format!("{name}[{}]", nth.saturating_sub(1))
+            } else {
+                name.to_string()
+            }
+        });
     Some(match table {
         Some(t) if !t.is_empty() => format!("{t}.{key}"),
         _ => key.to_string(),
@@ -738,14 +773,28 @@ fn stream_settings(
     }
     if let Some(ka) = s.keepalive_interval {
         if ka >= s.idle_timeout {
-            return Err(ConfigError::new(
-                format!("{prefix}keepalive_interval"),
+            let (ka, idle) = (
                 humantime::format_duration(ka).to_string(),
-                format!(
-                    "must be shorter than idle_timeout ({}), or no keepalive would ever be sent",
-                    humantime::format_duration(s.idle_timeout)
+                humantime::format_duration(s.idle_timeout).to_string(),
+            );
+            // Name the key written here: an idle timeout set at this level below an interval
+            // it inherits (from [defaults] or the built-in 15s) is the idle timeout's fault.
+            return Err(match (&raw.keepalive_interval, &raw.idle_timeout) {
+                (None, Some(_)) => ConfigError::new(
+                    format!("{prefix}idle_timeout"),
+                    idle,
+                    format!(
+                        "must be longer than the keepalive interval ({ka}, not set here), or no keepalive would ever be sent; set keepalive_interval shorter, or \"off\""
+                    ),
                 ),
-            ));
+                _ => ConfigError::new(
+                    format!("{prefix}keepalive_interval"),
+                    ka,
+                    format!(
+                        "must be shorter than idle_timeout ({idle}), or no keepalive would ever be sent"
+                    ),
+                ),
+            });
         }
     }
     Ok(s)
@@ -875,7 +924,10 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
                 host: None,
                 pool: Some(DEFAULT_POOL.to_string()),
                 host_header: None,
-                stream: RawStream::default(),
+                idle_timeout: None,
+                keepalive_interval: None,
+                first_byte_timeout: None,
+                ndjson_keepalive: None,
             });
         }
     }
@@ -1085,7 +1137,7 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
                     })?,
             ),
         };
-        let stream = stream_settings(&prefix, &r.stream, &defaults)?;
+        let stream = stream_settings(&prefix, &r.stream(), &defaults)?;
         if routes
             .iter()
             .any(|x: &RouteConfig| x.path_prefix == path_prefix && x.host == host)
@@ -1277,6 +1329,41 @@ mod tests {
         let e = build(RawConfig::default(), &o).unwrap_err();
         assert_eq!(e.key(), "--keepalive-interval");
         assert!(e.reason().contains("shorter than idle_timeout"), "{e}");
+
+        // An idle timeout set below an interval it does not set: the error names the key written.
+        let o = Overrides {
+            idle_timeout: Some("5s".into()),
+            ..over("127.0.0.1:1", &["http://x"])
+        };
+        let e = build(RawConfig::default(), &o).unwrap_err();
+        assert_eq!((e.key(), e.value()), ("--idle-timeout", "5s"));
+        assert!(e.reason().contains("keepalive interval (15s"), "{e}");
+        let e = Config::from_toml(
+            "[defaults]\nidle_timeout = \"10s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\n",
+        )
+        .unwrap_err();
+        assert_eq!((e.key(), e.value()), ("defaults.idle_timeout", "10s"));
+        let e = Config::from_toml(
+            "[defaults]\nkeepalive_interval = \"20s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\nidle_timeout = \"20s\"\n",
+        )
+        .unwrap_err();
+        assert_eq!((e.key(), e.value()), ("routes[0].idle_timeout", "20s"));
+        assert!(e.reason().contains("keepalive interval (20s"), "{e}");
+        // A typo or a wrong type in a route names the route and the key, with its index.
+        let two = "[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]  # first\npool=\"p\"\n[[routes]]\npool=\"p\"\npath_prefix=\"/v1/\"\n";
+        let e = Config::from_toml(&format!("{two}idle_timout = \"5s\"\n")).unwrap_err();
+        assert_eq!(e.key(), "routes[1].idle_timout", "{e}");
+        assert!(e.reason().contains("unknown field"), "{e}");
+        let e = Config::from_toml(&format!("{two}idle_timeout = 5\n")).unwrap_err();
+        assert_eq!((e.key(), e.value()), ("routes[1].idle_timeout", "5"), "{e}");
+        let e = Config::from_toml("[[listeners]]\nlisten = 80\n").unwrap_err();
+        assert_eq!((e.key(), e.value()), ("listeners[0].listen", "80"), "{e}");
+        // Both set at one level: the interval is named, as before.
+        let e = Config::from_toml(
+            "[defaults]\nidle_timeout = \"10s\"\nkeepalive_interval = \"10s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\n",
+        )
+        .unwrap_err();
+        assert_eq!((e.key(), e.value()), ("defaults.keepalive_interval", "10s"));
 
         let e = Config::from_toml(
             "[[listeners]]\nlisten=\"127.0.0.1:1\"\n[[routes]]\npool = \"nope\"\n",
