@@ -77,7 +77,7 @@ fn opts() -> Result<Opts, String> {
             None => Ok(items),
         }
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
@@ -101,7 +101,10 @@ fn opts() -> Result<Opts, String> {
                 }
             }
             "--pool" => {
-                o.pool = args.by_ref().map(PathBuf::from).collect();
+                // The files, up to the next flag.
+                while let Some(f) = args.next_if(|a| !a.starts_with("--")) {
+                    o.pool.push(PathBuf::from(f));
+                }
                 if o.pool.is_empty() {
                     return Err("--pool needs the files that earlier runs' stderr went to".into());
                 }
@@ -498,14 +501,15 @@ impl Ratio {
         let median = mid(v);
         let n = v.len();
         let coverage = |k: usize| {
-            // 1 − 2·Σ_{i<k} C(n, i) / 2^n, summed in floating point (n is a few dozen at most).
-            let mut c = 1.0f64;
+            // 1 − 2·Σ_{i<k} C(n, i) / 2^n, each term from its logarithm: 2^n and C(n, i) overflow an
+            // f64 from n = 1,024 on (pooled runs can reach that), their ratio does not.
+            let mut ln_c = 0.0f64; // ln C(n, i)
             let mut tail = 0.0f64;
             for i in 0..k {
-                tail += c;
-                c = c * (n - i) as f64 / (i + 1) as f64;
+                tail += (ln_c - n as f64 * std::f64::consts::LN_2).exp();
+                ln_c += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
             }
-            1.0 - 2.0 * tail / 2f64.powi(n as i32)
+            1.0 - 2.0 * tail
         };
         let mut k = 1;
         while 2 * (k + 1) <= n + 1 && coverage(k + 1) >= 0.95 {
@@ -535,10 +539,14 @@ impl std::fmt::Display for Ratio {
 }
 
 /// The per-round ratios of several runs (the `rounds, NAME: ...` lines of their stderr), pooled per
-/// measure: the median over all rounds, with its interval. Runs on one day and build only: rounds of
-/// different builds or machines are not one distribution.
+/// measure: the median over all rounds, with its interval, and the median of the runs' medians, with
+/// its interval over runs. The first treats rounds as independent; rounds of one run share its
+/// processes and the machine's state of the moment, so the second, with runs as the unit, is the
+/// more cautious. Runs of one build on one day only: rounds of different builds or machines are not
+/// one distribution.
 fn pool(files: &[PathBuf]) -> Result<String, String> {
-    let mut by: Vec<(String, Vec<f64>, usize)> = Vec::new();
+    // Per measure: every round, and each run's median.
+    let mut by: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
         for line in text.lines() {
@@ -549,19 +557,23 @@ fn pool(files: &[PathBuf]) -> Result<String, String> {
             else {
                 continue;
             };
-            let values = values
+            let mut values = values
                 .split_whitespace()
                 .map(|v| {
                     v.parse::<f64>()
                         .map_err(|e| format!("{}: {v:?} in {line:?}: {e}", f.display()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            if values.is_empty() {
+                continue;
+            }
+            let run = mid(&mut values);
             match by.iter_mut().find(|(n, _, _)| n == name) {
                 Some((_, all, runs)) => {
                     all.extend(values);
-                    *runs += 1;
+                    runs.push(run);
                 }
-                None => by.push((name.to_string(), values, 1)),
+                None => by.push((name.to_string(), values, vec![run])),
             }
         }
     }
@@ -571,11 +583,13 @@ fn pool(files: &[PathBuf]) -> Result<String, String> {
                 .into(),
         );
     }
-    let mut s = String::from("| streamgate / nginx, per-round ratios pooled | runs | rounds | median (interval for it, confidence) |\n|---|---:|---:|---:|\n");
-    for (name, mut all, runs) in by {
-        let n = all.len();
-        if let Some(r) = Ratio::of(&mut all) {
-            let _ = writeln!(s, "| {name} | {runs} | {n} | {r} |");
+    let mut s = String::from(
+        "| streamgate / nginx, pooled | runs | rounds | median of all rounds (interval, confidence) | median of the runs' medians (interval over runs) |\n|---|---:|---:|---:|---:|\n",
+    );
+    for (name, mut all, mut runs) in by {
+        let (n, r) = (all.len(), runs.len());
+        if let (Some(a), Some(m)) = (Ratio::of(&mut all), Ratio::of(&mut runs)) {
+            let _ = writeln!(s, "| {name} | {r} | {n} | {a} | {m} |");
         }
     }
     Ok(s)
@@ -907,6 +921,13 @@ mod tests {
         let r = Ratio::of(&mut v).unwrap();
         assert_eq!((r.median, r.lo, r.hi), (11.0, 6.0, 16.0));
         assert!((r.confidence - (1.0 - 2.0 * 27896.0 / 2097152.0)).abs() < 1e-12);
+        // n = 3,000, beyond what 2^n in an f64 holds: the interval is about ±1.96·√n/2 = ±54 ranks
+        // around the median, at 95–96%.
+        let mut v: Vec<f64> = (1..=3000).map(f64::from).collect();
+        let r = Ratio::of(&mut v).unwrap();
+        assert!((1440.0..=1450.0).contains(&r.lo), "{r:?}");
+        assert_eq!(r.lo + r.hi, 3001.0);
+        assert!((0.95..0.96).contains(&r.confidence), "{}", r.confidence);
         // n = 5: no interval reaches 95%; the widest, lowest to highest, holds it with 93.75%.
         let mut v = vec![1.1, 0.9, 1.0, 1.3, 0.8];
         let r = Ratio::of(&mut v).unwrap();
@@ -939,12 +960,15 @@ mod tests {
         std::fs::write(&b, "noise\n    rounds, paced: 1.200 0.800\n").unwrap();
         std::fs::write(&bad, "    rounds, paced: 1.0 x\n").unwrap();
         let table = pool(&[a.clone(), b]).unwrap();
+        // Paced: rounds 0.9 1.0 1.1 and 1.2 0.8; the runs' medians 1.0 and 1.0.
         assert!(
-            table.contains("| paced | 2 | 5 | 1.00× (0.80–1.20, 94%) |"),
+            table.contains("| paced | 2 | 5 | 1.00× (0.80–1.20, 94%) | 1.00× (1.00–1.00, 50%) |"),
             "{table}"
         );
         assert!(
-            table.contains("| back-to-back | 1 | 1 | 2.00× (2.00–2.00, 0%) |"),
+            table.contains(
+                "| back-to-back | 1 | 1 | 2.00× (2.00–2.00, 0%) | 2.00× (2.00–2.00, 0%) |"
+            ),
             "{table}"
         );
         let e = pool(&[bad]).unwrap_err();
