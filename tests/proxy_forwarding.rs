@@ -465,6 +465,16 @@ async fn unmatched_route_is_404() {
         raw.starts_with(b"HTTP/1.1 200"),
         "host routes match case-insensitively without port"
     );
+    // A fully qualified name with its trailing dot is the same host.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /admin HTTP/1.1\r\nhost: only.example.:80\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = c.read_to_end().await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 }
 
 #[tokio::test]

@@ -136,7 +136,15 @@ fn valid_host(h: &[u8]) -> bool {
                     .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
         }
         _ => {
+            // A `%` starts a percent-encoded byte: two hex digits follow.
+            let pct_ok = host.iter().enumerate().all(|(i, &b)| {
+                b != b'%'
+                    || host
+                        .get(i + 1..i + 3)
+                        .is_some_and(|d| d.iter().all(u8::is_ascii_hexdigit))
+            });
             !host.is_empty()
+                && pct_ok
                 && host.iter().all(|&b| {
                     b.is_ascii_alphanumeric()
                         || matches!(
@@ -460,6 +468,7 @@ mod tests {
             "[2001:db8::7]:0",
             "xn--bcher-kva.example",
             "a_b-c~d",
+            "a%2Db",
             "a:",
             "a:65535",
         ] {
@@ -483,6 +492,8 @@ mod tests {
             "a\"b",
             "\u{e9}.example",
             "a:8080:1",
+            "a%zz",
+            "a%2",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }

@@ -95,11 +95,13 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         Some(h) => h,
         None => req.headers().get(http::header::HOST)?.to_str().ok()?,
     };
-    // Strip a port, leaving IPv6 brackets intact.
-    Some(match raw.rfind(':') {
+    // Strip a port, leaving IPv6 brackets intact, then a trailing dot (`example.com.` is the same
+    // host as `example.com`, as nginx takes it).
+    let host = match raw.rfind(':') {
         Some(i) if !raw[i..].contains(']') => &raw[..i],
         _ => raw,
-    })
+    };
+    Some(host.strip_suffix('.').unwrap_or(host))
 }
 
 impl tower::Service<Request<ClientBody>> for Router {
