@@ -156,6 +156,106 @@ fn pipelined_requests_cut_into_any_writes_are_answered_in_order() {
     });
 }
 
+#[test]
+fn upstream_responses_cut_into_any_writes_reach_the_client_whole() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A raw upstream that answers each request with the next script: its response cut into writes,
+    // each written and flushed on its own. Connections are kept alive, as the proxy pools them.
+    let scripts: Arc<Mutex<VecDeque<Vec<Vec<u8>>>>> = Arc::default();
+    let proxy = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scripts = scripts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let scripts = scripts.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            let parts = scripts.lock().unwrap().pop_front().expect("a script");
+                            for p in parts {
+                                if s.write_all(&p).await.is_err() || s.flush().await.is_err() {
+                                    return;
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(got) => pending.extend_from_slice(&buf[..got]),
+                        }
+                    }
+                });
+            }
+        });
+        Proxy::start(&config(&[addr], "")).await
+    });
+    // SSE events of 1 to 200 bytes of data, one chunk each or several to a chunk, in chunks of any
+    // size-line shape; the whole response cut into writes of 1 to 80 bytes.
+    let case = (
+        prop::collection::vec(("[ -~]{1,200}", 1usize..4), 1..12),
+        prop::collection::vec(1usize..80, 1..30),
+        any::<bool>(),
+    );
+    let mut runner = TestRunner::new(RunnerConfig::with_cases(48));
+    runner
+        .run(&case, |(events, cuts, upper)| {
+            let mut wire = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            let mut want = Vec::new();
+            let mut chunk = Vec::new();
+            for (i, (data, per_chunk)) in events.iter().enumerate() {
+                chunk.extend_from_slice(format!("data: {data}\n\n").as_bytes());
+                if (i + 1) % per_chunk == 0 || i + 1 == events.len() {
+                    let size = if upper { format!("{:X}", chunk.len()) } else { format!("{:x}", chunk.len()) };
+                    wire.extend_from_slice(format!("{size}\r\n").as_bytes());
+                    wire.extend_from_slice(&chunk);
+                    wire.extend_from_slice(b"\r\n");
+                    want.extend_from_slice(&chunk);
+                    chunk.clear();
+                }
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let mut parts = Vec::new();
+            let mut rest = &wire[..];
+            for &n in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at(n.min(rest.len()));
+                parts.push(now.to_vec());
+                rest = later;
+            }
+            scripts.lock().unwrap().push_back(parts);
+            let raw = rt.block_on(async {
+                let mut c = RawClient::connect(proxy.addr).await;
+                c.send("GET /s HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+                within("the stream", c.read_to_end()).await.0
+            });
+            let (head, body) = split_head(&raw);
+            prop_assert!(head.starts_with("HTTP/1.1 200 OK"), "{}", head);
+            let (payload, terminated) = dechunk(&body);
+            prop_assert!(terminated);
+            prop_assert_eq!(String::from_utf8_lossy(&payload), String::from_utf8_lossy(&want));
+            Ok(())
+        })
+        .unwrap();
+    rt.block_on(async move { drop(proxy) });
+}
+
 #[tokio::test]
 async fn a_body_arriving_after_its_head_is_waited_for() {
     let up = echo().await;
