@@ -162,47 +162,21 @@ fn upstream_responses_cut_into_any_writes_reach_the_client_whole() {
     use proptest::test_runner::{Config as RunnerConfig, TestRunner};
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    // A raw upstream that answers each request with the next script: its response cut into writes,
-    // each written and flushed on its own. Connections are kept alive, as the proxy pools them.
+    // Each request is answered with the next script: its response cut into writes.
     let scripts: Arc<Mutex<VecDeque<Vec<Vec<u8>>>>> = Arc::default();
+    let queue = scripts.clone();
     let proxy = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let scripts = scripts.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                s.set_nodelay(true).unwrap();
-                let scripts = scripts.clone();
-                tokio::spawn(async move {
-                    let mut pending = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            pending.drain(..end + 4);
-                            let parts = scripts.lock().unwrap().pop_front().expect("a script");
-                            for p in parts {
-                                if s.write_all(&p).await.is_err() || s.flush().await.is_err() {
-                                    return;
-                                }
-                                tokio::task::yield_now().await;
-                            }
-                        }
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(got) => pending.extend_from_slice(&buf[..got]),
-                        }
-                    }
-                });
-            }
-        });
-        Proxy::start(&config(&[addr], "")).await
+        let up = RawUpstream::start(move |_| {
+            let parts = queue.lock().unwrap().pop_front().expect("a script");
+            parts.into_iter().map(Step::Write).collect()
+        })
+        .await;
+        Proxy::start(&config(&[up.addr], "")).await
     });
     // SSE events of 1 to 200 bytes of data, one chunk each or several to a chunk, in chunks of any
     // size-line shape; the whole response cut into writes of 1 to 80 bytes.
@@ -464,48 +438,23 @@ async fn a_stream_the_upstream_cuts_does_not_end_cleanly() {
 async fn a_stream_with_broken_chunked_framing_is_cut_and_its_connection_not_reused() {
     // A raw upstream: one event, then, once the client has it, a size line with no digits (a
     // decoder that read it as the last chunk would end the answer cleanly and pool the connection).
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (go_tx, mut go_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::channel::<usize>(4);
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let n = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let got = s.read(&mut buf).await.unwrap();
-                assert!(got > 0, "the proxy closed before its request was in");
-                head.extend_from_slice(&buf[..got]);
-            }
-            if nth == 1 {
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
-                    .await
-                    .unwrap();
-                go_rx.recv().await.unwrap();
-                s.write_all(b"\r\n\r\n").await.unwrap();
-            } else {
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
-            }
-            let closed = closed_tx.clone();
-            tokio::spawn(async move {
-                // Whatever else comes on this connection, until the proxy closes it.
-                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                let _ = closed.send(nth).await;
-            });
-        }
-    });
-    let proxy = Proxy::start(&config(&[addr], "")).await;
+    // Later connections get a plain answer.
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gate = go.clone();
+    let mut up = RawUpstream::start(move |nth| match nth {
+        0 => vec![
+            Step::Write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n".to_vec()),
+            Step::Wait(gate.clone()),
+            Step::Write(b"\r\n\r\n".to_vec()),
+        ],
+        _ => vec![Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())],
+    })
+    .await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
     let mut c = RawClient::connect(proxy.addr).await;
     c.send("GET /s HTTP/1.1\r\nhost: x\r\n\r\n").await;
     c.read_until(b"data: 1\n\n").await;
-    go_tx.send(()).await.unwrap();
+    go.notify_one();
     let (raw, _) = within("the cut", c.read_to_end()).await;
     let (head, body) = split_head(&raw);
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
@@ -517,8 +466,8 @@ async fn a_stream_with_broken_chunked_framing_is_cut_and_its_connection_not_reus
     );
     // The upstream connection is closed, not pooled: the next request gets a connection of its own.
     assert_eq!(
-        within("the upstream close", closed_rx.recv()).await,
-        Some(1)
+        within("the upstream close", up.closed.recv()).await,
+        Some(0)
     );
     let mut c = RawClient::connect(proxy.addr).await;
     c.send("GET /next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -527,47 +476,85 @@ async fn a_stream_with_broken_chunked_framing_is_cut_and_its_connection_not_reus
     let (head, body) = split_head(&raw);
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
     assert_eq!(body, b"ok");
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(up.accepted(), 2);
 }
 
-/// A raw upstream that answers each request (a head without a body) on its `n`-th connection
-/// with `answers[n]` (the last one for every later connection), then closes the connection if the
-/// answer says so. Returns its address and the number of connections it accepted.
-async fn scripted_upstream(
-    answers: Vec<(Vec<u8>, bool)>,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let n = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (answer, close) = answers[nth.min(answers.len() - 1)].clone();
-            tokio::spawn(async move {
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        if s.write_all(&answer).await.is_err() || close {
-                            return;
+/// What a raw upstream does for one request.
+enum Step {
+    /// Write these bytes and flush them, on their own.
+    Write(Vec<u8>),
+    /// Wait until the test lets it go on.
+    Wait(std::sync::Arc<tokio::sync::Notify>),
+    /// Close the connection.
+    Close,
+}
+
+/// A raw upstream, for framings no HTTP library sends: `script(n)` says what it does for each
+/// request (a head without a body) on its `n`-th connection, counted from 0. Connections stay open
+/// between requests, as the proxy pools them.
+struct RawUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The number of each connection the proxy closed, as it closes it.
+    closed: tokio::sync::mpsc::UnboundedReceiver<usize>,
+}
+
+impl RawUpstream {
+    async fn start(script: impl Fn(usize) -> Vec<Step> + Send + Sync + 'static) -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        let (n, script) = (accepted.clone(), std::sync::Arc::new(script));
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let nth = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (script, closed_tx) = (script.clone(), closed_tx.clone());
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            for step in script(nth) {
+                                match step {
+                                    Step::Write(b) => {
+                                        if s.write_all(&b).await.is_err()
+                                            || s.flush().await.is_err()
+                                        {
+                                            return;
+                                        }
+                                        tokio::task::yield_now().await;
+                                    }
+                                    Step::Wait(go) => go.notified().await,
+                                    Step::Close => return,
+                                }
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                let _ = closed_tx.send(nth);
+                                return;
+                            }
+                            Ok(got) => pending.extend_from_slice(&buf[..got]),
                         }
                     }
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(got) => pending.extend_from_slice(&buf[..got]),
-                    }
-                }
-            });
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            accepted,
+            closed,
         }
-    });
-    (addr, accepted)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[tokio::test]
@@ -615,8 +602,15 @@ async fn malformed_upstream_responses_are_502_with_a_json_body() {
     ];
     for (what, answer) in bad {
         let close = what.starts_with("a close");
-        let (addr, accepted) = scripted_upstream(vec![(answer, close)]).await;
-        let proxy = Proxy::start(&config(&[addr], "")).await;
+        let up = RawUpstream::start(move |_| {
+            let mut steps = vec![Step::Write(answer.clone())];
+            if close {
+                steps.push(Step::Close);
+            }
+            steps
+        })
+        .await;
+        let proxy = Proxy::start(&config(&[up.addr], "")).await;
         let mut c = RawClient::connect(proxy.addr).await;
         c.send("GET /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await;
@@ -629,11 +623,7 @@ async fn malformed_upstream_responses_are_502_with_a_json_body() {
         let v: serde_json::Value = serde_json::from_slice(&body)
             .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
         assert_eq!(v["error"]["type"], "upstream_error", "{what}");
-        assert_eq!(
-            accepted.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "{what}"
-        );
+        assert_eq!(up.accepted(), 1, "{what}");
     }
 }
 
@@ -642,12 +632,8 @@ async fn a_response_with_both_lengths_is_framed_by_its_transfer_encoding_only() 
     // RFC 9112 §6.1: Transfer-Encoding overrides Content-Length, and an intermediary removes the
     // Content-Length before forwarding: a client framing by it would take the rest of the body for
     // the next response.
-    let (addr, _) = scripted_upstream(vec![(
-        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
-        false,
-    )])
-    .await;
-    let proxy = Proxy::start(&config(&[addr], "")).await;
+    let up = RawUpstream::start(|_| vec![Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec())]).await;
+    let proxy = Proxy::start(&config(&[up.addr], "")).await;
     let mut c = RawClient::connect(proxy.addr).await;
     c.send(
         "GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",

@@ -599,32 +599,22 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     if key.is_empty() || key.starts_with('[') {
         return None;
     }
-    let before = &text[..start];
-    let table = before
+    // The table headers above the line, without comments: `(array of tables?, name)`.
+    let headers: Vec<(bool, &str)> = text[..start]
         .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|header| {
-            // Without a comment after the header.
-            let header = header.split('#').next().unwrap_or("").trim();
-            let name = header.trim_matches(|c| c == '[' || c == ']').trim();
-            if header.starts_with("[[") {
-                // An array of tables: which one, counting its headers so far (`routes[1]`).
-                let nth = before
-                    .lines()
-                    .map(str::trim)
-                    .map(|l| l.split('#').next().unwrap_or("").trim())
-                    .filter(|l| {
-                        l.starts_with("[[")
-                            && l.trim_matches(|c| c == '[' || c == ']').trim() == name
-                    })
-                    .count();
-                format!("{name}[{}]", nth.saturating_sub(1))
-            } else {
-                name.to_string()
-            }
-        });
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| l.starts_with('['))
+        .map(|h| (h.starts_with("[["), h.trim_matches(['[', ']']).trim()))
+        .collect();
+    let table = headers.last().map(|&(array, name)| {
+        if array {
+            // Which one of the array, counting its headers so far (`routes[1]`).
+            let nth = headers.iter().filter(|&&h| h == (true, name)).count();
+            format!("{name}[{}]", nth - 1)
+        } else {
+            name.to_string()
+        }
+    });
     Some(match table {
         Some(t) if !t.is_empty() => format!("{t}.{key}"),
         _ => key.to_string(),
@@ -1338,19 +1328,24 @@ mod tests {
         let e = build(RawConfig::default(), &o).unwrap_err();
         assert_eq!((e.key(), e.value()), ("--idle-timeout", "5s"));
         assert!(e.reason().contains("keepalive interval (15s"), "{e}");
-        let e = Config::from_toml(
-            "[defaults]\nidle_timeout = \"10s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\n",
-        )
-        .unwrap_err();
+        // A listener, a pool and a route, after `[defaults]` lines; what follows goes in the route.
+        let file = |defaults: &str, route: &str| {
+            format!("[defaults]\n{defaults}[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\n{route}")
+        };
+        let e = Config::from_toml(&file("idle_timeout = \"10s\"\n", "")).unwrap_err();
         assert_eq!((e.key(), e.value()), ("defaults.idle_timeout", "10s"));
-        let e = Config::from_toml(
-            "[defaults]\nkeepalive_interval = \"20s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\nidle_timeout = \"20s\"\n",
-        )
+        let e = Config::from_toml(&file(
+            "keepalive_interval = \"20s\"\n",
+            "idle_timeout = \"20s\"\n",
+        ))
         .unwrap_err();
         assert_eq!((e.key(), e.value()), ("routes[0].idle_timeout", "20s"));
         assert!(e.reason().contains("keepalive interval (20s"), "{e}");
         // A typo or a wrong type in a route names the route and the key, with its index.
-        let two = "[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]  # first\npool=\"p\"\n[[routes]]\npool=\"p\"\npath_prefix=\"/v1/\"\n";
+        let two = file(
+            "",
+            "[[routes]]  # second\npool=\"p\"\npath_prefix=\"/v1/\"\n",
+        );
         let e = Config::from_toml(&format!("{two}idle_timout = \"5s\"\n")).unwrap_err();
         assert_eq!(e.key(), "routes[1].idle_timout", "{e}");
         assert!(e.reason().contains("unknown field"), "{e}");
@@ -1359,9 +1354,10 @@ mod tests {
         let e = Config::from_toml("[[listeners]]\nlisten = 80\n").unwrap_err();
         assert_eq!((e.key(), e.value()), ("listeners[0].listen", "80"), "{e}");
         // Both set at one level: the interval is named, as before.
-        let e = Config::from_toml(
-            "[defaults]\nidle_timeout = \"10s\"\nkeepalive_interval = \"10s\"\n[[listeners]]\nlisten=\"127.0.0.1:1\"\n[pools.p]\nendpoints=[\"http://x\"]\n[[routes]]\npool=\"p\"\n",
-        )
+        let e = Config::from_toml(&file(
+            "idle_timeout = \"10s\"\nkeepalive_interval = \"10s\"\n",
+            "",
+        ))
         .unwrap_err();
         assert_eq!((e.key(), e.value()), ("defaults.keepalive_interval", "10s"));
 
