@@ -286,8 +286,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                 eprintln!(
                     "  median of per-round ratios of added p99 (interval for it, confidence), streamgate, nginx: time to first byte {t}, per-event delay {e}"
                 );
-                eprintln!("    rounds, time to first byte: {}", list(&t.rounds));
-                eprintln!("    rounds, per-event delay: {}", list(&e.rounds));
+                eprintln!("{}", t.rounds_line("time to first byte"));
+                eprintln!("{}", e.rounds_line("per-event delay"));
                 lat_ratio = Some((t, e));
             }
         }
@@ -364,8 +364,8 @@ async fn run(o: Opts, pinned: bool) -> Result<(), String> {
                 "  median of per-round ratios (interval for it, confidence), {}: back-to-back {b}, paced {p}",
                 names(&cpu_kinds)
             );
-            eprintln!("    rounds, back-to-back: {}", list(&b.rounds));
-            eprintln!("    rounds, paced: {}", list(&p.rounds));
+            eprintln!("{}", b.rounds_line("back-to-back"));
+            eprintln!("{}", p.rounds_line("paced"));
         }
         // Back-to-back, CPU per event follows how many events each read-and-write finds, which the
         // harness's timing sets: CPU per client write (one such cycle) separates the two.
@@ -523,7 +523,16 @@ impl Ratio {
             rounds: v.to_vec(),
         })
     }
+
+    /// The line that carries this ratio's rounds on stderr, as [`pool`] reads it back.
+    fn rounds_line(&self, name: &str) -> String {
+        let rounds: Vec<String> = self.rounds.iter().map(|x| format!("{x:.3}")).collect();
+        format!("    {ROUNDS}{name}: {}", rounds.join(" "))
+    }
 }
+
+/// What starts a line of per-round ratios (after its indent).
+const ROUNDS: &str = "rounds, ";
 
 impl std::fmt::Display for Ratio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -552,7 +561,7 @@ fn pool(files: &[PathBuf]) -> Result<String, String> {
         for line in text.lines() {
             let Some((name, values)) = line
                 .trim()
-                .strip_prefix("rounds, ")
+                .strip_prefix(ROUNDS)
                 .and_then(|l| l.split_once(": "))
             else {
                 continue;
@@ -593,14 +602,6 @@ fn pool(files: &[PathBuf]) -> Result<String, String> {
         }
     }
     Ok(s)
-}
-
-/// Ratios as a space-separated list, three decimals each.
-fn list(v: &[f64]) -> String {
-    v.iter()
-        .map(|x| format!("{x:.3}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The median round (by CPU per event).
@@ -959,6 +960,9 @@ mod tests {
         .unwrap();
         std::fs::write(&b, "noise\n    rounds, paced: 1.200 0.800\n").unwrap();
         std::fs::write(&bad, "    rounds, paced: 1.0 x\n").unwrap();
+        // What the harness prints is what pool reads.
+        let line = Ratio::of(&mut [1.1, 0.7]).unwrap().rounds_line("paced");
+        assert_eq!(line, "    rounds, paced: 0.700 1.100");
         let table = pool(&[a.clone(), b]).unwrap();
         // Paced: rounds 0.9 1.0 1.1 and 1.2 0.8; the runs' medians 1.0 and 1.0.
         assert!(
