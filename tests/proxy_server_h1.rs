@@ -684,6 +684,45 @@ async fn a_request_with_both_lengths_reaches_the_upstream_framed_once() {
 }
 
 #[tokio::test]
+async fn a_request_body_with_bad_chunk_framing_is_the_clients_400_not_a_502() {
+    // nginx answers these 400 too. Blamed on the upstream (502, an upstream error in the metrics),
+    // they would page the wrong team.
+    for (what, body) in [
+        ("a size that is not hex", "0x3\r\nabc\r\n0\r\n\r\n"),
+        ("more data than its size", "3\r\nabcdef\r\n0\r\n\r\n"),
+        (
+            "a size that overflows",
+            "10000000000000003\r\nabc\r\n0\r\n\r\n",
+        ),
+        ("bare line feeds", "3\nabc\n0\n\n"),
+    ] {
+        // The upstream reads the request and never answers: only the body can end the attempt.
+        let mut up = RawUpstream::start(|_| vec![]).await;
+        let proxy = Proxy::start(&config(&[up.addr], "")).await;
+        let mut c = RawClient::connect(proxy.addr).await;
+        c.send(&format!(
+            "POST /p HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{body}"
+        ))
+        .await;
+        // The client connection closes after the answer: its framing is lost.
+        let (raw, _) = within(what, c.read_to_end()).await;
+        let (head, body) = split_head(&raw);
+        assert!(
+            head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{what}: {head}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
+        assert_eq!(v["error"]["type"], "bad_request", "{what}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("request body"), "{what}: {message}");
+        // The upstream connection, with half a request on it, is closed, not pooled.
+        assert_eq!(within(what, up.closed.recv()).await, Some(0), "{what}");
+        assert_eq!(up.accepted(), 1, "{what}");
+    }
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_close_at_shutdown() {
     let up = echo().await;
     let mut toml = config(&[up.addr], "");

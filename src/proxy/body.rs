@@ -2,7 +2,7 @@
 //! request whose connection was refused can fail over), and the response body handed to the layers.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -27,10 +27,19 @@ pub(crate) type ClientBody = Either<Incoming, Full<Bytes>>;
 /// to the next attempt. Once taken, it streams straight through with no locking.
 #[derive(Debug)]
 pub(crate) struct UpstreamRequestBody {
-    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    slot: Option<Arc<Slot>>,
     taken: Option<ClientBody>,
     end_stream: bool,
     hint: SizeHint,
+}
+
+/// The client's body until an attempt takes it, and why reading it failed, if it did: the client
+/// sent a body its framing does not allow (a bad chunk size line, say), or left in the middle of
+/// it. That is the client's fault, not the upstream's, and answered as such (400, not 502).
+#[derive(Debug)]
+struct Slot {
+    body: Mutex<Option<ClientBody>>,
+    failed: OnceLock<String>,
 }
 
 impl UpstreamRequestBody {
@@ -57,7 +66,10 @@ impl UpstreamRequestBody {
             };
         }
         Self {
-            slot: Some(Arc::new(Mutex::new(Some(body)))),
+            slot: Some(Arc::new(Slot {
+                body: Mutex::new(Some(body)),
+                failed: OnceLock::new(),
+            })),
             taken: None,
             end_stream,
             hint,
@@ -77,7 +89,7 @@ impl UpstreamRequestBody {
 /// See [`UpstreamRequestBody::replay_handle`].
 #[derive(Debug)]
 pub(crate) struct ReplayHandle {
-    slot: Option<Arc<Mutex<Option<ClientBody>>>>,
+    slot: Option<Arc<Slot>>,
     end_stream: bool,
     hint: SizeHint,
 }
@@ -87,7 +99,7 @@ impl ReplayHandle {
     pub(crate) fn body(&self) -> Option<UpstreamRequestBody> {
         let untouched = match &self.slot {
             None => true,
-            Some(slot) => slot.lock().map(|g| g.is_some()).unwrap_or(false),
+            Some(slot) => slot.body.lock().map(|g| g.is_some()).unwrap_or(false),
         };
         untouched.then(|| UpstreamRequestBody {
             slot: self.slot.clone(),
@@ -101,6 +113,11 @@ impl ReplayHandle {
     pub(crate) fn is_empty(&self) -> bool {
         self.slot.is_none()
     }
+
+    /// Why reading the client's body failed, if it did.
+    pub(crate) fn client_failed(&self) -> Option<&str> {
+        self.slot.as_ref()?.failed.get().map(String::as_str)
+    }
 }
 
 impl Body for UpstreamRequestBody {
@@ -112,20 +129,21 @@ impl Body for UpstreamRequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.taken.is_none() {
-            let Some(slot) = this.slot.take() else {
-                return Poll::Ready(None);
-            };
-            let body = slot.lock().ok().and_then(|mut g| g.take());
-            match body {
-                Some(b) => this.taken = Some(b),
+        let Some(slot) = &this.slot else {
+            return Poll::Ready(None);
+        };
+        let body = match &mut this.taken {
+            Some(b) => b,
+            None => match slot.body.lock().ok().and_then(|mut g| g.take()) {
+                Some(b) => this.taken.insert(b),
                 None => return Poll::Ready(None),
-            }
+            },
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if let Some(Err(e)) = &frame {
+            let _ = slot.failed.set(super::forward::error_chain(e.as_ref()));
         }
-        match this.taken.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -369,6 +369,16 @@ impl Forward {
                 }
                 Err(e) => {
                     drop(active);
+                    if let Some(why) = replay.client_failed() {
+                        // The client's body broke the attempt: its framing was bad, or the client
+                        // left in the middle of it. The upstream is not at fault, and a retry
+                        // would send the same bytes.
+                        tracing::info!(endpoint = %ep.label, source = "client", "the request body could not be read: {why}");
+                        return Err(ProxyError::new(
+                            ProxyErrorKind::BadRequest,
+                            format!("the request body could not be read: {why}"),
+                        ));
+                    }
                     if let Some(m) = &self.shared.metrics {
                         m.upstream_error(&ep.label);
                     }
@@ -412,7 +422,7 @@ impl Forward {
 }
 
 /// The error and its sources, joined: hyper-util's outer error alone says little ("client error (Connect)").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
