@@ -514,6 +514,88 @@ async fn slow_h2_reader_with_open_windows_bounds_proxy_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_h2_upstream() {
+    // Every stream to an HTTP/2 upstream shares one connection, and its flow-control window. What a
+    // client has not read yet counts against both the stream's window and the connection's until
+    // the proxy reads it, so a few clients that stop reading must not use up the connection's
+    // window, or every other stream on it stalls.
+    let _serial = serial().await;
+    const SLOW: usize = 4;
+    const BIG: usize = 64 << 20;
+    const CHUNK: usize = 64 << 10;
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let up = Upstream::start(move |req| {
+        let sent = counter.clone();
+        async move {
+            if req.uri().path() == "/small" {
+                return full(200, "text/plain", "small");
+            }
+            let (tx, resp) = streamed("application/octet-stream");
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; CHUNK]);
+                for _ in 0..BIG / CHUNK {
+                    if tx.send(Ok(chunk.clone())).await.is_err() {
+                        return;
+                    }
+                    sent.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            resp
+        }
+    })
+    .await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\nprotocol = \"http2\"\n[[routes]]\npool = \"up\"\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut slow = Vec::new();
+    for _ in 0..SLOW {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(proxy.addr).await.unwrap();
+        let mut c = RawClient {
+            stream,
+            received: Vec::new(),
+        };
+        c.get("/big").await;
+        c.read_until(b"\r\n\r\n").await;
+        slow.push(c); // ... and never read again.
+    }
+    // Until the upstream can send no more: nothing sent for 200 ms. (Before the fix the four
+    // slow streams then hold the whole connection window.)
+    let deadline = Instant::now() + T;
+    let (mut last, mut still) = (usize::MAX, 0);
+    while still < 20 {
+        let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never stopped sending"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let (raw, _) = within(
+        "the small answer beside the stalled streams",
+        c.read_to_end(),
+    )
+    .await;
+    let (head, body) = split_head(&raw);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("small"));
+    eprintln!(
+        "{SLOW} clients stopped reading after the upstream sent {} KiB in all; a fifth was answered",
+        last >> 10
+    );
+    drop(slow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_disconnects_leak_nothing() {
     let _serial = serial().await;
     const N: usize = 10_000;
