@@ -399,13 +399,98 @@ async fn slow_reader_bounds_proxy_memory() {
     assert!(growth < 16 * 1024, "proxy memory grew by {growth} KiB");
 }
 
-/// An HTTP/2 frame: its 9-byte header, then the payload.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    f.extend_from_slice(&[kind, flags]);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
+/// An HTTP/2 client written frame by frame, for what hyper's client will not do: open its windows to
+/// 2^31 - 1 and then read slowly, or watch the connection for a `GOAWAY`.
+struct H2Client {
+    stream: tokio::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+/// A frame: type, flags, stream id, payload.
+type H2Frame = (u8, u8, u32, Vec<u8>);
+
+impl H2Client {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The preface and SETTINGS; with `open_windows`, every window 2^31 - 1 and a 4 KiB socket
+    /// receive buffer, so that the kernel holds little on the client's side.
+    async fn connect(addr: std::net::SocketAddr, open_windows: bool) -> H2Client {
+        use tokio::io::AsyncWriteExt;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        if open_windows {
+            sock.set_recv_buffer_size(4096).unwrap();
+        }
+        let mut stream = within("connect", sock.connect(addr)).await.unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        if open_windows {
+            // SETTINGS_INITIAL_WINDOW_SIZE, then the connection's window opened as wide.
+            let mut settings = 4u16.to_be_bytes().to_vec();
+            settings.extend_from_slice(&(u32::MAX >> 1).to_be_bytes());
+            out.extend(Self::frame(4, 0, 0, &settings));
+            out.extend(Self::frame(
+                8,
+                0,
+                0,
+                &((u32::MAX >> 1) - 65_535).to_be_bytes(),
+            ));
+        } else {
+            out.extend(Self::frame(4, 0, 0, &[]));
+        }
+        stream.write_all(&out).await.unwrap();
+        H2Client {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    /// GET `path` on stream `id` (odd, rising), with no body.
+    async fn get(&mut self, id: u32, path: &str) {
+        use tokio::io::AsyncWriteExt;
+        // HPACK: static :method GET and :scheme http, then :path and :authority as literals.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x41, 1, b'x']);
+        let headers = Self::frame(1, 0x5, id, &block); // END_STREAM | END_HEADERS
+        self.stream.write_all(&headers).await.unwrap();
+    }
+
+    /// The next frame (SETTINGS and PINGs answered on the way), or `None` once the proxy closed.
+    async fn next(&mut self) -> Option<H2Frame> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            if self.pending.len() >= 9 {
+                let p = &self.pending;
+                let len = u32::from_be_bytes([0, p[0], p[1], p[2]]) as usize;
+                if p.len() >= 9 + len {
+                    let (kind, flags) = (p[3], p[4]);
+                    let id = u32::from_be_bytes([p[5], p[6], p[7], p[8]]) & 0x7fff_ffff;
+                    let payload = p[9..9 + len].to_vec();
+                    self.pending.drain(..9 + len);
+                    let ack = match kind {
+                        4 if flags & 1 == 0 => Some(Self::frame(4, 1, 0, &[])),
+                        6 if flags & 1 == 0 => Some(Self::frame(6, 1, 0, &payload)),
+                        _ => None,
+                    };
+                    if let Some(ack) = ack {
+                        // The proxy may be closing: a failed acknowledgement is not this test's concern.
+                        let _ = self.stream.write_all(&ack).await;
+                    }
+                    return Some((kind, flags, id, payload));
+                }
+            }
+            let mut buf = [0u8; 16 << 10];
+            match within("an HTTP/2 frame", self.stream.read(&mut buf)).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,60 +525,27 @@ async fn slow_h2_reader_with_open_windows_bounds_proxy_memory() {
     drop(w);
     let base = rss_kib(pid, "VmRSS:");
 
-    // A small receive buffer, so that the kernel holds little on the client's side.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut c = sock.connect(addr).await.unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 - 1 for every stream, and the connection's window opened
-    // as wide.
-    let mut settings = 4u16.to_be_bytes().to_vec();
-    settings.extend_from_slice(&(u32::MAX >> 1).to_be_bytes());
-    out.extend(h2_frame(4, 0, 0, &settings));
-    out.extend(h2_frame(8, 0, 0, &((u32::MAX >> 1) - 65_535).to_be_bytes()));
-    // GET http://x/big: HPACK static :method GET, :scheme http, then :path and :authority literals.
-    let mut request = vec![0x82, 0x86, 0x04, 4];
-    request.extend_from_slice(b"/big");
-    request.extend_from_slice(&[0x41, 1, b'x']);
+    let mut c = H2Client::connect(addr, true).await;
     for i in 0..STREAMS {
-        out.extend(h2_frame(1, 0x5, 1 + 2 * i, &request)); // END_STREAM | END_HEADERS
+        c.get(1 + 2 * i, "/big").await;
     }
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    c.write_all(&out).await.unwrap();
-
-    // Read slowly: 16 KiB reads with a pause every 1 MiB, acknowledging SETTINGS and PINGs.
-    let (mut pending, mut buf) = (Vec::new(), vec![0u8; 16 << 10]);
+    // Read slowly: a pause every 1 MiB.
     let (mut data, mut ended, mut since_pause) = (0usize, 0u32, 0usize);
     let mut peak = base;
     let start = Instant::now();
     while ended < STREAMS {
-        let n = within("slow h2 read", c.read(&mut buf)).await.unwrap();
-        assert!(
-            n > 0,
-            "EOF after {data} bytes of data, {ended} streams ended"
-        );
-        pending.extend_from_slice(&buf[..n]);
-        while pending.len() >= 9 {
-            let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
-            if pending.len() < 9 + len {
-                break;
-            }
-            let (kind, flags) = (pending[3], pending[4]);
-            let payload = pending[9..9 + len].to_vec();
-            pending.drain(..9 + len);
-            match kind {
-                0 => data += len, // DATA (no padding: hyper does not pad)
-                1 => {}           // response HEADERS
-                4 if flags & 1 == 0 => c.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
-                6 if flags & 1 == 0 => c.write_all(&h2_frame(6, 1, 0, &payload)).await.unwrap(),
-                3 | 7 => panic!("the proxy reset the stream or the connection (frame type {kind})"),
-                _ => {}
-            }
-            if matches!(kind, 0 | 1) && flags & 1 != 0 {
-                ended += 1;
-            }
+        let Some((kind, flags, _, payload)) = c.next().await else {
+            panic!("the proxy closed after {data} bytes of data, {ended} streams ended");
+        };
+        match kind {
+            0 => data += payload.len(), // DATA (hyper does not pad)
+            3 | 7 => panic!("the proxy reset the stream or the connection (frame type {kind})"),
+            _ => {}
         }
-        since_pause += n;
+        if matches!(kind, 0 | 1) && flags & 1 != 0 {
+            ended += 1;
+        }
+        since_pause += 9 + payload.len();
         if since_pause >= 1 << 20 {
             since_pause = 0;
             peak = peak.max(rss_kib(pid, "VmRSS:"));
@@ -511,6 +563,91 @@ async fn slow_h2_reader_with_open_windows_bounds_proxy_memory() {
     // the frame in hand, the stream's state and its upstream connection), 31 MiB with hyper's
     // default of 400 KB.
     assert!(growth < 12 * 1024, "proxy memory grew by {growth} KiB");
+}
+
+#[tokio::test]
+async fn client_connections_close_once_idle_and_never_while_a_stream_is_open() {
+    // HTTP/2 had no idle timeout at all: an idle connection stayed open, holding about 18 KB of the
+    // proxy, for as long as the client liked. Now both protocols close after
+    // `server.client_idle_timeout` with nothing in flight, and a stream longer than it is not cut.
+    let idle = Duration::from_millis(300);
+    let up = Upstream::start(|req| async move {
+        if req.uri().path() == "/quick" {
+            return full(200, "text/plain", "quick");
+        }
+        // Eight events 100 ms apart: the stream outlasts the idle timeout.
+        let (tx, resp) = streamed("text/event-stream");
+        tokio::spawn(async move {
+            for i in 0..8 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if tx
+                    .send(Ok(Bytes::from(format!("data: {i}\n\n"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        resp
+    })
+    .await;
+    let toml = format!(
+        "[server]\nclient_idle_timeout = \"300ms\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+
+    let mut h2 = H2Client::connect(proxy.addr, false).await;
+    let opened = Instant::now();
+    h2.get(1, "/tick").await;
+    let mut body = Vec::new();
+    let ended = loop {
+        let Some((kind, flags, id, payload)) = h2.next().await else {
+            panic!("closed mid-stream after {:?}", opened.elapsed());
+        };
+        assert!(!matches!(kind, 3 | 7), "frame type {kind} mid-stream");
+        if kind == 0 && id == 1 {
+            body.extend_from_slice(&payload);
+        }
+        if matches!(kind, 0 | 1) && id == 1 && flags & 1 != 0 {
+            break Instant::now();
+        }
+    };
+    assert!(
+        opened.elapsed() > idle * 2,
+        "the stream outlasts the timeout"
+    );
+    let events = String::from_utf8(body).unwrap();
+    assert_eq!(events.matches("data: ").count(), 8, "{events}");
+    // Then a GOAWAY with NO_ERROR, and the close.
+    let goaway = loop {
+        match h2.next().await {
+            Some((7, _, _, payload)) => break payload,
+            Some(_) => {}
+            None => panic!("closed without a GOAWAY"),
+        }
+    };
+    assert_eq!(goaway[4..8], [0, 0, 0, 0], "GOAWAY error code");
+    while h2.next().await.is_some() {}
+    assert!(
+        ended.elapsed() >= idle,
+        "closed {:?} after the stream",
+        ended.elapsed()
+    );
+
+    // HTTP/1.1 keep-alive: the lean server closes as it waits for a next request.
+    let mut c = RawClient::connect(proxy.addr).await;
+    c.send("GET /quick HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    c.read_until(b"quick").await;
+    let answered = Instant::now();
+    let (_, clean) = within("the idle close", c.read_to_end()).await;
+    assert!(clean);
+    assert!(
+        answered.elapsed() >= idle,
+        "closed {:?} after",
+        answered.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

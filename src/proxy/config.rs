@@ -12,6 +12,7 @@
 //!
 //! [server]
 //! drain_timeout = "30s"
+//! client_idle_timeout = "30s"      # a client connection with no request in flight
 //! max_streams = 10000
 //! workers = 2                      # runtime threads; default: one per CPU the process may use
 //! metrics_listen = "127.0.0.1:9464"
@@ -263,6 +264,10 @@ pub struct Config {
     pub defaults: StreamSettings,
     /// Time open streams get to finish on shutdown before they are ended. Default: 30 s.
     pub drain_timeout: Duration,
+    /// How long a client connection may stay open with no request in flight (HTTP/1.1 keep-alive
+    /// and HTTP/2 alike), or take to send a request's head (and a body of up to 64 KiB that the
+    /// lean server reads whole), before it is closed; HTTP/2 clients get a `GOAWAY`. Default: 30 s.
+    pub client_idle_timeout: Duration,
     /// Concurrent streams allowed before new requests get 503. Default: 10,000.
     pub max_streams: usize,
     /// Runtime worker threads; `None`: one per CPU the process may use (its affinity mask and cgroup
@@ -335,6 +340,7 @@ struct RawStream {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     drain_timeout: Option<String>,
+    client_idle_timeout: Option<String>,
     max_streams: Option<i64>,
     workers: Option<i64>,
     metrics_listen: Option<String>,
@@ -466,6 +472,7 @@ impl Config {
         write_stream(w, &self.defaults);
         let _ = writeln!(w, "\n[server]");
         let _ = writeln!(w, "drain_timeout = {:?}", d(self.drain_timeout));
+        let _ = writeln!(w, "client_idle_timeout = {:?}", d(self.client_idle_timeout));
         let _ = writeln!(w, "max_streams = {}", self.max_streams);
         match self.workers {
             Some(n) => {
@@ -807,6 +814,10 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         (Some(v), _) => duration("--drain-timeout", v)?,
         (None, Some(v)) => duration("server.drain_timeout", v)?,
         (None, None) => Duration::from_secs(30),
+    };
+    let client_idle_timeout = match &raw.server.client_idle_timeout {
+        Some(v) => duration("server.client_idle_timeout", v)?,
+        None => Duration::from_secs(30),
     };
     let max_streams = count(
         ("--max-streams", &o.max_streams),
@@ -1169,6 +1180,7 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         routes,
         defaults,
         drain_timeout,
+        client_idle_timeout,
         max_streams,
         workers,
         metrics_listen,

@@ -26,6 +26,7 @@ mod forward;
 mod h1;
 mod headers;
 mod http1;
+mod idle;
 mod pool;
 mod server;
 pub mod stack;

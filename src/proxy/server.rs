@@ -22,6 +22,7 @@ use super::body::ClientBody;
 use super::config::{Config, ListenerConfig, RouteConfig};
 use super::downstream::{self, Served};
 use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
+use super::idle::{Activity, Tracked};
 use super::pool::Pool;
 use super::stack::{self, App, RouteStack};
 
@@ -146,6 +147,7 @@ pub struct Server {
     shared: Arc<Shared>,
     pools: Vec<Arc<Pool>>,
     drain_timeout: Duration,
+    client_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -216,6 +218,7 @@ impl Server {
             shared,
             pools: pools.into_values().collect(),
             drain_timeout: config.drain_timeout,
+            client_idle_timeout: config.client_idle_timeout,
         })
     }
 
@@ -230,7 +233,8 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let graceful = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let builder = Arc::new(http_builder());
+        let idle = self.client_idle_timeout;
+        let builder = Arc::new(http_builder(idle));
         let stop_health = CancellationToken::new();
         for p in &self.pools {
             tokio::spawn(p.clone().health_check_loop(stop_health.clone()));
@@ -243,6 +247,7 @@ impl Server {
                 graceful.clone(),
                 tracker.clone(),
                 stop_accepting.clone(),
+                idle,
             ));
         }
         shutdown.await;
@@ -284,11 +289,12 @@ impl Server {
 /// on loopback either way).
 const H2_SEND_BUF: usize = 16 * 1024;
 
-fn http_builder() -> auto::Builder<TokioExecutor> {
+fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        // Waiting for the next request's head counts as idle: the same timeout.
+        .header_read_timeout(idle)
         .keep_alive(true)
         .half_close(false)
         // Request heads fit in 8 KiB (nginx's large_client_header_buffers default, larger ones get
@@ -337,6 +343,7 @@ async fn accept_loop(
     graceful: CancellationToken,
     tracker: TaskTracker,
     stop: CancellationToken,
+    idle: Duration,
 ) {
     let tls = l.tls.is_some();
     tracing::info!(listen = %l.addr, tls, "listening");
@@ -364,10 +371,10 @@ async fn accept_loop(
         let builder = builder.clone();
         let graceful = graceful.clone();
         match l.tls.clone() {
-            None => tracker.spawn(serve_plain(stream, info, app, builder, graceful)),
+            None => tracker.spawn(serve_plain(stream, info, app, builder, graceful, idle)),
             Some(acc) => tracker.spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
-                    Ok(Ok(s)) => serve(s, info, app, &builder, graceful).await,
+                    Ok(Ok(s)) => serve(s, info, app, &builder, graceful, idle).await,
                     Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
                     Err(_) => tracing::debug!(client = %remote, source = "client", "TLS handshake timed out"),
                 }
@@ -385,10 +392,20 @@ async fn serve_plain(
     app: App,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: CancellationToken,
+    idle: Duration,
 ) {
     let svc = stack::with_conn_info(app.clone(), info);
-    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone()).await {
-        Box::pin(serve(Rewind::new(io, read), info, app, &builder, graceful)).await;
+    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone(), idle).await
+    {
+        Box::pin(serve(
+            Rewind::new(io, read),
+            info,
+            app,
+            &builder,
+            graceful,
+            idle,
+        ))
+        .await;
     }
 }
 
@@ -398,18 +415,28 @@ async fn serve<IO>(
     app: App,
     builder: &auto::Builder<TokioExecutor>,
     graceful: CancellationToken,
+    idle: Duration,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = TowerToHyperService::new(
+    let activity = Arc::new(Activity::default());
+    let svc = TowerToHyperService::new(Tracked::new(
         stack::with_conn_info(app, info)
             .map_request(|r: Request<Incoming>| r.map(ClientBody::Left)),
-    );
+        activity.clone(),
+    ));
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    // Shutting down, or idle for `idle`: HTTP/2 clients get a GOAWAY, and the connection closes once
+    // what is in flight is done.
     let res = tokio::select! {
         r = conn.as_mut() => r,
-        _ = graceful.cancelled() => {
+        () = async {
+            tokio::select! {
+                _ = graceful.cancelled() => {}
+                () = activity.idle_for(idle) => {}
+            }
+        } => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -51,9 +51,6 @@ pub(crate) const MAX_HEAD: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Request bodies up to this size are read whole here; larger ones go to hyper, which streams them.
 const MAX_BODY: u64 = 64 * 1024;
-/// A connection waiting for a request (a new one, or the rest of one, body included) is closed after
-/// this.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a 400 or 431, what the client still sends is read and dropped for this long, or this much,
 /// before the connection closes (nginx's lingering close).
 const LINGER: Duration = Duration::from_secs(2);
@@ -115,8 +112,15 @@ struct Conn {
 
 /// Serve one plain-TCP client connection until it closes, or until it needs hyper.
 ///
-/// `graceful` cancelled: an idle connection closes now, a busy one after its current response.
-pub(crate) async fn serve<S, B>(io: TcpStream, mut svc: S, graceful: CancellationToken) -> Served
+/// `graceful` cancelled: an idle connection closes now, a busy one after its current response. A
+/// connection waiting for a request (a new one, or the rest of one, body included) is closed after
+/// `idle`.
+pub(crate) async fn serve<S, B>(
+    io: TcpStream,
+    mut svc: S,
+    graceful: CancellationToken,
+    idle: Duration,
+) -> Served
 where
     S: Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
     B: Body<Data = Bytes>,
@@ -137,7 +141,7 @@ where
         let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
         let (mut call, method, version, mut keep_alive, te_trailers) = {
             let read = Box::pin(tokio::time::timeout(
-                HEAD_TIMEOUT,
+                idle,
                 conn.read_request(first, &graceful),
             ))
             .await

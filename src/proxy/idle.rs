@@ -1,0 +1,201 @@
+//! Client connections served by hyper (HTTP/2, TLS, and what the lean server hands over) closed once
+//! no request has been in flight on them for the client idle timeout, as nginx's `keepalive_timeout`
+//! closes them. hyper's HTTP/1 server has a timeout for the next request's head; its HTTP/2 server
+//! has none, so an idle HTTP/2 connection (about 18 KB of the proxy's memory) stayed open for as long
+//! as the client liked.
+//!
+//! A request is in flight from the call until its response body is dropped (finished, cut, or the
+//! client's stream reset).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Response;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+
+/// What is in flight on one connection.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    open: AtomicUsize,
+    /// Requests begun so far: unchanged over a whole timeout means none began in it.
+    begun: AtomicU64,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Resolves once no request has been in flight on the connection for `timeout`.
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let begun = self.begun.load(Ordering::SeqCst);
+            if self.open.load(Ordering::SeqCst) > 0 {
+                // `Notify` keeps a permit when no one waits: a request that ends between the load
+                // and this wait is not missed.
+                self.changed.notified().await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {
+                    if self.open.load(Ordering::SeqCst) == 0
+                        && self.begun.load(Ordering::SeqCst) == begun
+                    {
+                        return;
+                    }
+                }
+                () = self.changed.notified() => {}
+            }
+        }
+    }
+}
+
+/// A request in flight: counted from the call until dropped with the response body.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn begin(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::SeqCst);
+        activity.begun.fetch_add(1, Ordering::SeqCst);
+        activity.changed.notify_one();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_one();
+    }
+}
+
+/// A service whose requests count as in flight on `activity`.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<S, Req, B> tower::Service<Req> for Tracked<S>
+where
+    S: tower::Service<Req, Response = Response<B>>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        TrackedFuture {
+            guard: Some(InFlight::begin(&self.activity)),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Tracked`]'s response future: the request stays in flight in its body.
+    pub(crate) struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        let guard = this.guard.take();
+        Poll::Ready(out.map(|resp| {
+            resp.map(|inner| TrackedBody {
+                inner,
+                _guard: guard,
+            })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request in flight until dropped.
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_after_a_whole_timeout_with_nothing_in_flight() {
+        let a = Arc::new(Activity::default());
+        let t = Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        a.idle_for(t).await;
+        assert_eq!(start.elapsed(), t, "idle from the start");
+
+        // A request in flight for 100 s: idle 30 s after it ends, not before.
+        let guard = InFlight::begin(&a);
+        let ends = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            drop(guard);
+        });
+        let start = tokio::time::Instant::now();
+        a.idle_for(t).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(130));
+        ends.await.unwrap();
+
+        // A request that begins and ends within the timeout restarts it.
+        let start = tokio::time::Instant::now();
+        let brief = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                drop(InFlight::begin(&a));
+            })
+        };
+        a.idle_for(t).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(50));
+        brief.await.unwrap();
+    }
+}
