@@ -233,8 +233,10 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let graceful = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let idle = self.client_idle_timeout;
-        let builder = Arc::new(http_builder(idle));
+        let conns = Arc::new(Conns {
+            http: http_builder(self.client_idle_timeout),
+            idle: self.client_idle_timeout,
+        });
         let stop_health = CancellationToken::new();
         for p in &self.pools {
             tokio::spawn(p.clone().health_check_loop(stop_health.clone()));
@@ -243,11 +245,10 @@ impl Server {
             tracker.spawn(accept_loop(
                 l,
                 self.app.clone(),
-                builder.clone(),
+                conns.clone(),
                 graceful.clone(),
                 tracker.clone(),
                 stop_accepting.clone(),
-                idle,
             ));
         }
         shutdown.await;
@@ -288,6 +289,13 @@ impl Server {
 /// default maximum size. Bulk throughput over h2c is no lower than with hyper's 400 KB (930–970 MB/s
 /// on loopback either way).
 const H2_SEND_BUF: usize = 16 * 1024;
+
+/// How client connections are served: hyper's builder, and the idle timeout (`client_idle_timeout`).
+/// One per server, shared by its connections, which hold it behind one pointer.
+struct Conns {
+    http: auto::Builder<TokioExecutor>,
+    idle: Duration,
+}
 
 fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -339,11 +347,10 @@ async fn bind_listener(l: &ListenerConfig) -> Result<BoundListener, ServeError> 
 async fn accept_loop(
     l: BoundListener,
     app: App,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    conns: Arc<Conns>,
     graceful: CancellationToken,
     tracker: TaskTracker,
     stop: CancellationToken,
-    idle: Duration,
 ) {
     let tls = l.tls.is_some();
     tracing::info!(listen = %l.addr, tls, "listening");
@@ -368,13 +375,13 @@ async fn accept_loop(
             tls,
         };
         let app = app.clone();
-        let builder = builder.clone();
+        let conns = conns.clone();
         let graceful = graceful.clone();
         match l.tls.clone() {
-            None => tracker.spawn(serve_plain(stream, info, app, builder, graceful, idle)),
+            None => tracker.spawn(serve_plain(stream, info, app, conns, graceful)),
             Some(acc) => tracker.spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
-                    Ok(Ok(s)) => serve(s, info, app, &builder, graceful, idle).await,
+                    Ok(Ok(s)) => serve(s, info, app, &conns, graceful).await,
                     Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
                     Err(_) => tracing::debug!(client = %remote, source = "client", "TLS handshake timed out"),
                 }
@@ -390,33 +397,19 @@ async fn serve_plain(
     stream: tokio::net::TcpStream,
     info: ConnInfo,
     app: App,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    conns: Arc<Conns>,
     graceful: CancellationToken,
-    idle: Duration,
 ) {
     let svc = stack::with_conn_info(app.clone(), info);
-    if let Served::Handover(io, read) = downstream::serve(stream, svc, graceful.clone(), idle).await
+    if let Served::Handover(io, read) =
+        downstream::serve(stream, svc, graceful.clone(), conns.idle).await
     {
-        Box::pin(serve(
-            Rewind::new(io, read),
-            info,
-            app,
-            &builder,
-            graceful,
-            idle,
-        ))
-        .await;
+        Box::pin(serve(Rewind::new(io, read), info, app, &conns, graceful)).await;
     }
 }
 
-async fn serve<IO>(
-    io: IO,
-    info: ConnInfo,
-    app: App,
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: CancellationToken,
-    idle: Duration,
-) where
+async fn serve<IO>(io: IO, info: ConnInfo, app: App, conns: &Conns, graceful: CancellationToken)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
@@ -425,7 +418,7 @@ async fn serve<IO>(
             .map_request(|r: Request<Incoming>| r.map(ClientBody::Left)),
         activity.clone(),
     ));
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = conns.http.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // Shutting down, or idle for `idle`: HTTP/2 clients get a GOAWAY, and the connection closes once
     // what is in flight is done.
@@ -434,7 +427,7 @@ async fn serve<IO>(
         () = async {
             tokio::select! {
                 _ = graceful.cancelled() => {}
-                () = activity.idle_for(idle) => {}
+                () = activity.idle_for(conns.idle) => {}
             }
         } => {
             conn.as_mut().graceful_shutdown();
