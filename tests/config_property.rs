@@ -35,6 +35,10 @@ const COUNTS: Values = (
         "true",
     ],
 );
+const WINDOWS: Values = (
+    &["64", "256", "16384"],
+    &["63", "0", "-1", "16385", "4294967296", "1.5", "\"64\""],
+);
 const ADDRS: Values = (
     &["\"127.0.0.1:0\"", "\"[::1]:8080\"", "\"0.0.0.0:8080\""],
     &[
@@ -111,6 +115,7 @@ fn keys() -> Vec<(&'static str, Values, bool)> {
         ("pool.max_fails", COUNTS, false),
         ("pool.ejection_time", DURATIONS, false),
         ("pool.max_attempts", COUNTS, false),
+        ("pool.h2_stream_window_kib", WINDOWS, false),
         ("route.path_prefix", PATHS, false),
         ("route.pool", POOLS, true),
         ("route.idle_timeout", DURATIONS, false),

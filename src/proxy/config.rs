@@ -214,6 +214,12 @@ pub struct PoolConfig {
     pub max_attempts: u32,
     /// Optional active health check.
     pub health_check: Option<HealthCheckConfig>,
+    /// The flow-control window each stream to an HTTP/2 endpoint gets, in KiB; the connection's is
+    /// 256 times it (at most 2 GiB). Unread data counts against both: a client that stops reading
+    /// holds at most this much of the proxy, and it takes 256 such clients at once to stall the
+    /// other streams sharing the connection. A stream's throughput is at most this per round trip.
+    /// Default: 64 (the protocol's default window): about 640 KB/s per stream at 100 ms.
+    pub h2_stream_window_kib: u32,
 }
 
 /// How the `Host` header is sent upstream.
@@ -379,6 +385,7 @@ struct RawPool {
     max_fails: Option<i64>,
     ejection_time: Option<String>,
     max_attempts: Option<i64>,
+    h2_stream_window_kib: Option<i64>,
     health_check: Option<RawHealth>,
 }
 
@@ -534,6 +541,7 @@ impl Config {
                 d(p.ejection_time)
             );
             let _ = writeln!(w, "max_attempts = {}", p.max_attempts);
+            let _ = writeln!(w, "h2_stream_window_kib = {}", p.h2_stream_window_kib);
             if let Some(h) = &p.health_check {
                 let _ = writeln!(
                     w,
@@ -816,7 +824,18 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         (None, None) => Duration::from_secs(30),
     };
     let client_idle_timeout = match &raw.server.client_idle_timeout {
-        Some(v) => duration("server.client_idle_timeout", v)?,
+        Some(v) => {
+            let d = duration("server.client_idle_timeout", v)?;
+            // hyper adds it to `Instant::now()`, which panics past the clock's range.
+            if d > Duration::from_secs(24 * 3600) {
+                return Err(ConfigError::new(
+                    "server.client_idle_timeout",
+                    v,
+                    "must be at most a day",
+                ));
+            }
+            d
+        }
         None => Duration::from_secs(30),
     };
     let max_streams = count(
@@ -1020,6 +1039,17 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
             Some(n) => positive(&format!("{prefix}max_attempts"), n, 100)? as u32,
             None => 3,
         };
+        let h2_stream_window_kib = match p.h2_stream_window_kib {
+            Some(n) if !(64..=16_384).contains(&n) => {
+                return Err(ConfigError::new(
+                    format!("{prefix}h2_stream_window_kib"),
+                    n.to_string(),
+                    "must be between 64 (the protocol's default window) and 16384 (16 MiB)",
+                ))
+            }
+            Some(n) => n as u32,
+            None => 64,
+        };
         let health_check = match &p.health_check {
             None => None,
             Some(h) => {
@@ -1068,6 +1098,7 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
                 ejection_time,
                 max_attempts,
                 health_check,
+                h2_stream_window_kib,
             },
         );
     }
@@ -1216,6 +1247,26 @@ mod tests {
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
             ..Overrides::default()
         }
+    }
+
+    #[test]
+    fn timeouts_and_windows_have_their_bounds() {
+        let load = |extra: &str| {
+            let text = format!(
+                "{extra}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nendpoints = [\"http://127.0.0.1:9\"]\nh2_stream_window_kib = 256\n[[routes]]\npool = \"p\"\n"
+            );
+            Config::from_toml(&text)
+        };
+        let c = load("[server]\nclient_idle_timeout = \"1day\"").unwrap();
+        assert_eq!(c.client_idle_timeout, Duration::from_secs(86_400));
+        assert_eq!(c.pools["p"].h2_stream_window_kib, 256);
+        // Past a day, hyper's deadline arithmetic would panic: refused, naming the key.
+        let e = load("[server]\nclient_idle_timeout = \"300000000000y\"").unwrap_err();
+        assert_eq!(e.key, "server.client_idle_timeout");
+        assert!(e.reason.contains("at most a day"), "{e}");
+        let c = load("").unwrap();
+        assert_eq!(c.client_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.pools["p"].h2_stream_window_kib, 256);
     }
 
     #[test]

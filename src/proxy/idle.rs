@@ -4,8 +4,10 @@
 //! has none, so an idle HTTP/2 connection (about 18 KB of the proxy's memory) stayed open for as long
 //! as the client liked.
 //!
-//! A request is in flight from the call until its response body is dropped (finished, cut, or the
-//! client's stream reset).
+//! A request is in flight from the first poll of its service call (at once on HTTP/1; on HTTP/2 in
+//! the stream's task, a moment after the stream opened) until its response body is dropped
+//! (finished, cut, or the client's stream reset). A timeout that ends in that moment sends a `GOAWAY`
+//! the new stream still completes under, as every stream already accepted does.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -253,9 +253,6 @@ impl Pool {
     }
 }
 
-/// The flow-control window an HTTP/2 upstream gets per stream: see the client builder below.
-const H2_STREAM_WINDOW: u32 = 64 * 1024;
-
 fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
@@ -302,14 +299,16 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
         // All streams to an HTTP/2 endpoint share one connection, and what a client has not read
         // yet counts against both its stream's window and the connection's. With hyper's defaults
         // (2 MB per stream, 5 MB per connection) three clients that stopped reading stalled every
-        // other stream on the connection. A stream may now hold 64 KiB unread (the protocol's
-        // default), and the connection 256 of them: it takes 256 stalled streams at once to
-        // hold the others back, and one that stalls holds no more than 64 KiB of the proxy's memory.
-        // The price is bulk throughput per stream: 630–660 MB/s through the proxy on loopback
-        // where the defaults gave 1.3–1.4 GB/s, about 64 MB/s at 1 ms of round trip; a token
-        // stream is thousands of times slower.
-        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-        .http2_initial_connection_window_size(256 * H2_STREAM_WINDOW);
+        // other stream on the connection. A stream may now hold `h2_stream_window_kib` unread
+        // (64 KiB by default, the protocol's default), and the connection 256 of them: it takes
+        // 256 stalled streams at once to hold the others back, and one that stalls holds no more
+        // than its window of the proxy's memory. The price is bulk throughput per stream: with
+        // 64 KiB, 630–660 MB/s through the proxy on loopback where the defaults gave 1.3–1.4 GB/s,
+        // about 640 KB/s at 100 ms of round trip; a token stream is far slower than either.
+        .http2_initial_stream_window_size(cfg.h2_stream_window_kib * 1024)
+        .http2_initial_connection_window_size(
+            (cfg.h2_stream_window_kib.saturating_mul(256 * 1024)).min(i32::MAX as u32),
+        );
     if cfg.protocol == UpstreamProtocol::Http2 {
         b.http2_only(true);
     }
@@ -336,6 +335,7 @@ mod tests {
             ejection_time: Duration::from_secs(10),
             max_attempts: 3,
             health_check: None,
+            h2_stream_window_kib: 64,
         })
         .unwrap()
     }
