@@ -103,6 +103,7 @@ fn keys() -> Vec<(&'static str, Values, bool)> {
         ("defaults.ndjson_keepalive", NDJSON, false),
         ("server.drain_timeout", DURATIONS, false),
         ("server.client_idle_timeout", DURATIONS, false),
+        ("server.send_timeout", DURATIONS, false),
         ("server.max_streams", COUNTS, false),
         ("server.workers", COUNTS, false),
         ("server.metrics_listen", ADDRS, false),

@@ -737,6 +737,94 @@ async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_h2_upstream()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is_not() {
+    // A client that stays connected but takes nothing would otherwise hold its upstream request
+    // (a GPU slot) for good: backpressure stops the upstream's frames, so the idle timeout, which
+    // counts upstream silence, never sees them stop.
+    let _serial = serial().await;
+    const CHUNK: usize = 64 << 10;
+    let up = Upstream::start(|_| async {
+        let (tx, resp) = streamed("application/octet-stream");
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; CHUNK]);
+            for _ in 0..(256 << 20) / CHUNK {
+                if tx.send(Ok(chunk.clone())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        resp
+    })
+    .await;
+    let toml = format!(
+        "[server]\nsend_timeout = \"500ms\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let connect = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(proxy.addr).await.unwrap();
+        let mut c = RawClient {
+            stream,
+            received: Vec::new(),
+        };
+        c.get("/big").await;
+        c.read_until(b"\r\n\r\n").await;
+        c
+    };
+    use tokio::io::AsyncReadExt;
+
+    // A slow reader: 16 KiB every 100 ms, for three times the timeout. It is never cut.
+    let mut slow = connect().await;
+    let mut buf = vec![0u8; 16 << 10];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        let n = within("a slow read", slow.stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the slow reader was cut");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(slow);
+    let deadline = Instant::now() + T;
+    while up.open_connections() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow reader's upstream stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A client that stops reading: its upstream request is cancelled once nothing has gone out
+    // for the send timeout.
+    // Before the request: the proxy cannot start its timer earlier.
+    let stopped = Instant::now();
+    let stalled = connect().await;
+    let deadline = stopped + T;
+    while up.open_connections() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream of a client that reads nothing stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(500),
+        "cut after {:?}, before the send timeout",
+        stopped.elapsed()
+    );
+    // And the client's stream is cut, not ended: no terminating chunk.
+    let mut stalled = stalled;
+    let (raw, _) = within("the cut", stalled.read_to_end()).await;
+    assert!(!raw.ends_with(b"0\r\n\r\n"), "the cut stream ended cleanly");
+    eprintln!(
+        "a client that read nothing was cut {:?} after it stopped",
+        stopped.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_disconnects_leak_nothing() {
     let _serial = serial().await;
     const N: usize = 10_000;

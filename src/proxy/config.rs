@@ -13,6 +13,7 @@
 //! [server]
 //! drain_timeout = "30s"
 //! client_idle_timeout = "30s"      # a client connection with no request in flight
+//! send_timeout = "60s"             # a client that takes nothing of a response for this long
 //! max_streams = 10000
 //! workers = 2                      # runtime threads; default: one per CPU the process may use
 //! metrics_listen = "127.0.0.1:9464"
@@ -274,6 +275,11 @@ pub struct Config {
     /// and HTTP/2 alike), or take to send a request's head (and a body of up to 64 KiB that the
     /// lean server reads whole), before it is closed; HTTP/2 clients get a `GOAWAY`. Default: 30 s.
     pub client_idle_timeout: Duration,
+    /// How long a plain HTTP/1.1 client may take none of a response before the stream is cut (the
+    /// upstream request cancelled) and the connection closed, as nginx's `send_timeout`: a client
+    /// that stays connected but stops reading would otherwise hold its upstream request, and a GPU
+    /// slot, for good. Default: 60 s.
+    pub send_timeout: Duration,
     /// Concurrent streams allowed before new requests get 503. Default: 10,000.
     pub max_streams: usize,
     /// Runtime worker threads; `None`: one per CPU the process may use (its affinity mask and cgroup
@@ -347,6 +353,7 @@ struct RawStream {
 struct RawServer {
     drain_timeout: Option<String>,
     client_idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     max_streams: Option<i64>,
     workers: Option<i64>,
     metrics_listen: Option<String>,
@@ -480,6 +487,7 @@ impl Config {
         let _ = writeln!(w, "\n[server]");
         let _ = writeln!(w, "drain_timeout = {:?}", d(self.drain_timeout));
         let _ = writeln!(w, "client_idle_timeout = {:?}", d(self.client_idle_timeout));
+        let _ = writeln!(w, "send_timeout = {:?}", d(self.send_timeout));
         let _ = writeln!(w, "max_streams = {}", self.max_streams);
         match self.workers {
             Some(n) => {
@@ -823,21 +831,24 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         (None, Some(v)) => duration("server.drain_timeout", v)?,
         (None, None) => Duration::from_secs(30),
     };
-    let client_idle_timeout = match &raw.server.client_idle_timeout {
+    // At most a day: hyper adds the idle timeout to `Instant::now()`, which panics past the clock's
+    // range, and the send timeout is kept in milliseconds.
+    let within_a_day = |key: &str, v: &Option<String>, default: u64| match v {
         Some(v) => {
-            let d = duration("server.client_idle_timeout", v)?;
-            // hyper adds it to `Instant::now()`, which panics past the clock's range.
+            let d = duration(key, v)?;
             if d > Duration::from_secs(24 * 3600) {
-                return Err(ConfigError::new(
-                    "server.client_idle_timeout",
-                    v,
-                    "must be at most a day",
-                ));
+                return Err(ConfigError::new(key, v, "must be at most a day"));
             }
-            d
+            Ok(d)
         }
-        None => Duration::from_secs(30),
+        None => Ok(Duration::from_secs(default)),
     };
+    let client_idle_timeout = within_a_day(
+        "server.client_idle_timeout",
+        &raw.server.client_idle_timeout,
+        30,
+    )?;
+    let send_timeout = within_a_day("server.send_timeout", &raw.server.send_timeout, 60)?;
     let max_streams = count(
         ("--max-streams", &o.max_streams),
         ("server.max_streams", raw.server.max_streams),
@@ -1212,6 +1223,7 @@ fn build(mut raw: RawConfig, o: &Overrides) -> Result<Config, ConfigError> {
         defaults,
         drain_timeout,
         client_idle_timeout,
+        send_timeout,
         max_streams,
         workers,
         metrics_listen,
@@ -1257,15 +1269,19 @@ mod tests {
             );
             Config::from_toml(&text)
         };
-        let c = load("[server]\nclient_idle_timeout = \"1day\"").unwrap();
+        let c = load("[server]\nclient_idle_timeout = \"1day\"\nsend_timeout = \"2m\"").unwrap();
         assert_eq!(c.client_idle_timeout, Duration::from_secs(86_400));
+        assert_eq!(c.send_timeout, Duration::from_secs(120));
         assert_eq!(c.pools["p"].h2_stream_window_kib, 256);
         // Past a day, hyper's deadline arithmetic would panic: refused, naming the key.
         let e = load("[server]\nclient_idle_timeout = \"300000000000y\"").unwrap_err();
         assert_eq!(e.key, "server.client_idle_timeout");
         assert!(e.reason.contains("at most a day"), "{e}");
+        let e = load("[server]\nsend_timeout = \"2days\"").unwrap_err();
+        assert_eq!(e.key, "server.send_timeout");
         let c = load("").unwrap();
         assert_eq!(c.client_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.send_timeout, Duration::from_secs(60));
         assert_eq!(c.pools["p"].h2_stream_window_kib, 256);
     }
 

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 
 use super::body::ClientBody;
 use super::config::{Config, ListenerConfig, RouteConfig};
-use super::downstream::{self, Served};
+use super::downstream::{self, ClientTimeouts, Served};
 use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
 use super::idle::{Activity, Tracked};
 use super::pool::Pool;
@@ -148,6 +148,7 @@ pub struct Server {
     pools: Vec<Arc<Pool>>,
     drain_timeout: Duration,
     client_idle_timeout: Duration,
+    send_timeout: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -219,6 +220,7 @@ impl Server {
             pools: pools.into_values().collect(),
             drain_timeout: config.drain_timeout,
             client_idle_timeout: config.client_idle_timeout,
+            send_timeout: config.send_timeout,
         })
     }
 
@@ -235,7 +237,10 @@ impl Server {
         let tracker = TaskTracker::new();
         let conns = Arc::new(Conns {
             http: http_builder(self.client_idle_timeout),
-            idle: self.client_idle_timeout,
+            timeouts: ClientTimeouts {
+                idle: self.client_idle_timeout,
+                send: self.send_timeout,
+            },
         });
         let stop_health = CancellationToken::new();
         for p in &self.pools {
@@ -290,11 +295,12 @@ impl Server {
 /// on loopback either way).
 const H2_SEND_BUF: usize = 16 * 1024;
 
-/// How client connections are served: hyper's builder, and the idle timeout (`client_idle_timeout`).
+/// How client connections are served: hyper's builder, and the client timeouts
+/// (`client_idle_timeout`, `send_timeout`).
 /// One per server, shared by its connections, which hold it behind one pointer.
 struct Conns {
     http: auto::Builder<TokioExecutor>,
-    idle: Duration,
+    timeouts: ClientTimeouts,
 }
 
 fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
@@ -402,7 +408,7 @@ async fn serve_plain(
 ) {
     let svc = stack::with_conn_info(app.clone(), info);
     if let Served::Handover(io, read) =
-        downstream::serve(stream, svc, graceful.clone(), conns.idle).await
+        downstream::serve(stream, svc, graceful.clone(), &conns.timeouts).await
     {
         Box::pin(serve(Rewind::new(io, read), info, app, &conns, graceful)).await;
     }
@@ -427,7 +433,7 @@ where
         () = async {
             tokio::select! {
                 _ = graceful.cancelled() => {}
-                () = activity.idle_for(conns.idle) => {}
+                () = activity.idle_for(conns.timeouts.idle) => {}
             }
         } => {
             conn.as_mut().graceful_shutdown();

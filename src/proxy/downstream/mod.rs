@@ -106,20 +106,32 @@ struct Conn {
     /// Reads go on while a response is in flight, to see the client leave; off once pipelined bytes
     /// reach [`MAX_HEAD`].
     watch: bool,
+    /// The send timeout, in milliseconds (beside `watch`, where it costs the connection's task no
+    /// room).
+    send_timeout_ms: u32,
     /// Whether a read may find anything: see [`GoneWatch`].
     gone: GoneWatch,
+}
+
+/// The client connection timeouts (`client_idle_timeout`, `send_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTimeouts {
+    /// No request in flight, or a request's head and small body still coming.
+    pub(crate) idle: Duration,
+    /// A response of which the client takes nothing.
+    pub(crate) send: Duration,
 }
 
 /// Serve one plain-TCP client connection until it closes, or until it needs hyper.
 ///
 /// `graceful` cancelled: an idle connection closes now, a busy one after its current response. A
 /// connection waiting for a request (a new one, or the rest of one, body included) is closed after
-/// `idle`.
+/// `timeouts.idle`; a response the client takes nothing of for `timeouts.send` is cut.
 pub(crate) async fn serve<S, B>(
     io: TcpStream,
     mut svc: S,
     graceful: CancellationToken,
-    idle: Duration,
+    timeouts: &ClientTimeouts,
 ) -> Served
 where
     S: Service<Request<ClientBody>, Response = Response<B>, Error = Infallible>,
@@ -130,6 +142,7 @@ where
         io,
         pending: Vec::new(),
         watch: true,
+        send_timeout_ms: u32::try_from(timeouts.send.as_millis()).unwrap_or(u32::MAX),
         gone: GoneWatch::new(),
     };
     let mut first = true;
@@ -141,7 +154,7 @@ where
         let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
         let (mut call, method, version, mut keep_alive, te_trailers) = {
             let read = Box::pin(tokio::time::timeout(
-                idle,
+                timeouts.idle,
                 conn.read_request(first, &graceful),
             ))
             .await
@@ -375,18 +388,34 @@ impl Conn {
     }
 
     /// Write all of `bufs`, watching for the client to leave while the socket is full.
+    /// Write all of `bufs`. A client that takes none of them for the send timeout fails the write
+    /// (`TimedOut`); its timer exists only while a write is blocked.
     async fn write_all(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let mut bufs = bufs;
         IoSlice::advance_slices(&mut bufs, 0);
+        let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         poll_fn(|cx| {
             while !bufs.is_empty() {
                 match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => IoSlice::advance_slices(&mut bufs, n),
+                    Poll::Ready(Ok(n)) => {
+                        IoSlice::advance_slices(&mut bufs, n);
+                        stalled = None;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
-                        ready!(self.poll_gone(cx));
-                        return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                        if self.poll_gone(cx).is_ready() {
+                            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                        }
+                        let send = Duration::from_millis(u64::from(self.send_timeout_ms));
+                        let timer =
+                            stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send)));
+                        ready!(timer.as_mut().poll(cx));
+                        tracing::info!(
+                            source = "client",
+                            "the client took none of the response for {send:?} (send_timeout): stream cut"
+                        );
+                        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                     }
                 }
             }
