@@ -825,6 +825,58 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_stops_reading_is_closed_after_send_timeout() {
+    // The same over HTTP/2, where hyper serves the connection: a client that opened its windows
+    // and then reads nothing blocks the proxy's writes; after the send timeout the connection is
+    // closed and every stream's upstream request cancelled.
+    let _serial = serial().await;
+    const CHUNK: usize = 64 << 10;
+    let up = Upstream::start(|_| async {
+        let (tx, resp) = streamed("application/octet-stream");
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![b'x'; CHUNK]);
+            for _ in 0..(256 << 20) / CHUNK {
+                if tx.send(Ok(chunk.clone())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        resp
+    })
+    .await;
+    let toml = format!(
+        "[server]\nsend_timeout = \"500ms\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
+        up.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let stopped = Instant::now(); // before the requests: a strict lower bound
+    let mut c = H2Client::connect(proxy.addr, true).await;
+    for i in 0..4 {
+        c.get(1 + 2 * i, "/big").await;
+    }
+    let deadline = stopped + T;
+    while up.total_connections() < 4 || up.open_connections() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} upstream requests still open",
+            up.open_connections(),
+            up.total_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(500),
+        "closed after {:?}, before the send timeout",
+        stopped.elapsed()
+    );
+    eprintln!(
+        "an HTTP/2 client that read nothing was closed {:?} after it stopped",
+        stopped.elapsed()
+    );
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_disconnects_leak_nothing() {
     let _serial = serial().await;
     const N: usize = 10_000;

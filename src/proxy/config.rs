@@ -275,10 +275,11 @@ pub struct Config {
     /// and HTTP/2 alike), or take to send a request's head (and a body of up to 64 KiB that the
     /// lean server reads whole), before it is closed; HTTP/2 clients get a `GOAWAY`. Default: 30 s.
     pub client_idle_timeout: Duration,
-    /// How long a plain HTTP/1.1 client may take none of a response before the stream is cut (the
-    /// upstream request cancelled) and the connection closed, as nginx's `send_timeout`: a client
-    /// that stays connected but stops reading would otherwise hold its upstream request, and a GPU
-    /// slot, for good. Default: 60 s.
+    /// How long a client may take nothing the proxy writes to it before its connection is closed
+    /// and the streams on it cut (their upstream requests cancelled), as nginx's `send_timeout`: a
+    /// client that stays connected but stops reading would otherwise hold its upstream requests, and
+    /// their GPU slots, for good. An HTTP/2 client that reads its socket but never opens one
+    /// stream's flow-control window is not caught by it. Default: 60 s.
     pub send_timeout: Duration,
     /// Concurrent streams allowed before new requests get 503. Default: 10,000.
     pub max_streams: usize,

@@ -1,6 +1,7 @@
 //! Client connections served by hyper (HTTP/2, TLS, and what the lean server hands over) closed once
 //! no request has been in flight on them for the client idle timeout, as nginx's `keepalive_timeout`
-//! closes them. hyper's HTTP/1 server has a timeout for the next request's head; its HTTP/2 server
+//! closes them, or once a write to the client has been blocked for the send timeout
+//! ([`SendTimeout`]), as nginx's `send_timeout` does. hyper's HTTP/1 server has a timeout for the next request's head; its HTTP/2 server
 //! has none, so an idle HTTP/2 connection (about 18 KB of the proxy's memory) stayed open for as long
 //! as the client liked.
 //!
@@ -161,6 +162,97 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection whose writes fail (`TimedOut`) once one has been blocked for `limit`: the
+    /// send timeout of connections served by hyper (HTTP/2, TLS). A client that keeps its connection
+    /// open but reads nothing would otherwise hold every stream on it, and their upstream requests,
+    /// for good. The timer exists only while a write is blocked.
+    pub(crate) struct SendTimeout<IO> {
+        #[pin]
+        io: IO,
+        limit: Duration,
+        blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<IO> SendTimeout<IO> {
+    pub(crate) fn new(io: IO, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            blocked: None,
+        }
+    }
+}
+
+impl<IO> SendTimeout<IO> {
+    /// After the inner write's answer: clear the timer on progress, arm or check it while blocked.
+    fn watch<T>(
+        blocked: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        limit: Duration,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            *blocked = None;
+            return polled;
+        }
+        let timer = blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        tracing::info!(
+            source = "client",
+            "the client took nothing for {limit:?} (send_timeout): connection closed"
+        );
+        Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+    }
+}
+
+impl<IO: tokio::io::AsyncRead> tokio::io::AsyncRead for SendTimeout<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for SendTimeout<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        Self::watch(this.blocked, *this.limit, cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        Self::watch(this.blocked, *this.limit, cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let polled = this.io.poll_flush(cx);
+        Self::watch(this.blocked, *this.limit, cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 

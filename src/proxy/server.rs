@@ -22,7 +22,7 @@ use super::body::ClientBody;
 use super::config::{Config, ListenerConfig, RouteConfig};
 use super::downstream::{self, ClientTimeouts, Served};
 use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
-use super::idle::{Activity, Tracked};
+use super::idle::{Activity, SendTimeout, Tracked};
 use super::pool::Pool;
 use super::stack::{self, App, RouteStack};
 
@@ -424,6 +424,7 @@ where
             .map_request(|r: Request<Incoming>| r.map(ClientBody::Left)),
         activity.clone(),
     ));
+    let io = SendTimeout::new(io, conns.timeouts.send);
     let conn = conns.http.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // Shutting down, or idle for `idle`: HTTP/2 clients get a GOAWAY, and the connection closes once
