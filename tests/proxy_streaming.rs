@@ -344,34 +344,63 @@ async fn single_threaded_runtime_streams_cancels_and_drains() {
     assert_eq!(status.code(), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_reader_bounds_proxy_memory() {
-    let _serial = serial().await;
-    const TOTAL: usize = 256 << 20;
-    const CHUNK: usize = 64 << 10;
-    let up = Upstream::start(|_| async {
+/// An upstream that answers every request with `total` bytes in `chunk`-sized frames, as fast as the
+/// proxy takes them, and no content type (so that nothing treats it as an event stream).
+async fn bulk_upstream(chunk: usize, total: usize) -> Upstream {
+    Upstream::start(move |_| async move {
         let (tx, mut resp) = streamed("application/octet-stream");
         resp.headers_mut().remove("content-type");
         tokio::spawn(async move {
-            let chunk = Bytes::from(vec![b'x'; CHUNK]);
-            for _ in 0..TOTAL / CHUNK {
-                if tx.send(Ok(chunk.clone())).await.is_err() {
+            let frame = Bytes::from(vec![b'x'; chunk]);
+            for _ in 0..total / chunk {
+                if tx.send(Ok(frame.clone())).await.is_err() {
                     return;
                 }
             }
         });
         resp
     })
-    .await;
-    let (child, addr) = spawn_proxy_binary(up.addr);
-    let pid = child.0.id();
-    // Warm up: one small request so the baseline includes the runtime, pools and buffers.
+    .await
+}
+
+/// The proxy's RSS after one small request through it: a baseline that includes the runtime, the
+/// pools and their buffers.
+async fn warmed_rss(addr: std::net::SocketAddr, pid: u32) -> u64 {
     let mut w = RawClient::connect(addr).await;
     w.send("GET /warm HTTP/1.1\r\nhost: x\r\nrange: bytes=0-0\r\n\r\n")
         .await;
     w.read_some().await.unwrap();
     drop(w);
-    let base = rss_kib(pid, "VmRSS:");
+    rss_kib(pid, "VmRSS:")
+}
+
+/// The proxy's high-water RSS above `base`, in KiB, printed with what was measured.
+fn rss_growth(what: &str, pid: u32, base: u64, peak: u64, start: Instant) -> u64 {
+    let hwm = rss_kib(pid, "VmHWM:");
+    let growth = hwm.saturating_sub(base);
+    eprintln!(
+        "{what} in {:?}: proxy RSS base {base} KiB, peak sampled {peak} KiB, high-water {hwm} KiB, growth {growth} KiB",
+        start.elapsed()
+    );
+    growth
+}
+
+/// A proxy configuration: `server` (the `[server]` table's lines), one listener, one pool at `up`.
+fn proxy_config(server: &str, up: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\n{server}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{up}\"]\n[[routes]]\npool = \"up\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_bounds_proxy_memory() {
+    let _serial = serial().await;
+    const TOTAL: usize = 256 << 20;
+    const CHUNK: usize = 64 << 10;
+    let up = bulk_upstream(CHUNK, TOTAL).await;
+    let (child, addr) = spawn_proxy_binary(up.addr);
+    let pid = child.0.id();
+    let base = warmed_rss(addr, pid).await;
 
     let mut c = RawClient::connect(addr).await;
     c.get("/big").await;
@@ -390,12 +419,7 @@ async fn slow_reader_bounds_proxy_memory() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
-    let hwm = rss_kib(pid, "VmHWM:");
-    let growth = hwm.saturating_sub(base);
-    eprintln!(
-        "256 MiB through a slow reader in {:?}: proxy RSS base {base} KiB, peak sampled {peak} KiB, high-water {hwm} KiB, growth {growth} KiB",
-        start.elapsed()
-    );
+    let growth = rss_growth("256 MiB through a slow reader", pid, base, peak, start);
     assert!(growth < 16 * 1024, "proxy memory grew by {growth} KiB");
 }
 
@@ -497,33 +521,15 @@ impl H2Client {
 async fn slow_h2_reader_with_open_windows_bounds_proxy_memory() {
     // An HTTP/2 client may open its flow-control windows wide (2^31 - 1 bytes) and then read
     // slowly: flow control no longer holds the proxy back, only what it chooses to queue per stream
-    // does. With hyper's default (400 KB per stream) this client made the proxy hold about 25 MB.
+    // does. With hyper's default (400 KB per stream) this client made the proxy hold about 31 MiB.
     let _serial = serial().await;
     const STREAMS: u32 = 64;
     const PER_STREAM: usize = 1 << 20;
     const CHUNK: usize = 16 << 10;
-    let up = Upstream::start(|_| async {
-        let (tx, mut resp) = streamed("application/octet-stream");
-        resp.headers_mut().remove("content-type");
-        tokio::spawn(async move {
-            let chunk = Bytes::from(vec![b'x'; CHUNK]);
-            for _ in 0..PER_STREAM / CHUNK {
-                if tx.send(Ok(chunk.clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        resp
-    })
-    .await;
+    let up = bulk_upstream(CHUNK, PER_STREAM).await;
     let (child, addr) = spawn_proxy_binary(up.addr);
     let pid = child.0.id();
-    let mut w = RawClient::connect(addr).await;
-    w.send("GET /warm HTTP/1.1\r\nhost: x\r\nrange: bytes=0-0\r\n\r\n")
-        .await;
-    w.read_some().await.unwrap();
-    drop(w);
-    let base = rss_kib(pid, "VmRSS:");
+    let base = warmed_rss(addr, pid).await;
 
     let mut c = H2Client::connect(addr, true).await;
     for i in 0..STREAMS {
@@ -553,12 +559,8 @@ async fn slow_h2_reader_with_open_windows_bounds_proxy_memory() {
         }
     }
     assert_eq!(data, STREAMS as usize * PER_STREAM);
-    let hwm = rss_kib(pid, "VmHWM:");
-    let growth = hwm.saturating_sub(base);
-    eprintln!(
-        "{STREAMS} h2 streams of 1 MiB through a slow reader in {:?}: proxy RSS base {base} KiB, peak sampled {peak} KiB, high-water {hwm} KiB, growth {growth} KiB",
-        start.elapsed()
-    );
+    let what = format!("{STREAMS} h2 streams of 1 MiB through a slow reader");
+    let growth = rss_growth(&what, pid, base, peak, start);
     // Measured: 5.8–6.2 MiB with 16 KiB queued per stream (90–100 KiB per stream in all: the queue,
     // the frame in hand, the stream's state and its upstream connection), 31 MiB with hyper's
     // default of 400 KB.
@@ -742,25 +744,8 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is
     // (a GPU slot) for good: backpressure stops the upstream's frames, so the idle timeout, which
     // counts upstream silence, never sees them stop.
     let _serial = serial().await;
-    const CHUNK: usize = 64 << 10;
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("application/octet-stream");
-        tokio::spawn(async move {
-            let chunk = Bytes::from(vec![b'x'; CHUNK]);
-            for _ in 0..(256 << 20) / CHUNK {
-                if tx.send(Ok(chunk.clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        resp
-    })
-    .await;
-    let toml = format!(
-        "[server]\nsend_timeout = \"500ms\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
-        up.addr
-    );
-    let proxy = Proxy::start(&toml).await;
+    let up = bulk_upstream(64 << 10, 256 << 20).await;
+    let proxy = Proxy::start(&proxy_config("send_timeout = \"500ms\"", up.addr)).await;
     let connect = || async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
@@ -830,25 +815,8 @@ async fn an_h2_client_that_stops_reading_is_closed_after_send_timeout() {
     // and then reads nothing blocks the proxy's writes; after the send timeout the connection is
     // closed and every stream's upstream request cancelled.
     let _serial = serial().await;
-    const CHUNK: usize = 64 << 10;
-    let up = Upstream::start(|_| async {
-        let (tx, resp) = streamed("application/octet-stream");
-        tokio::spawn(async move {
-            let chunk = Bytes::from(vec![b'x'; CHUNK]);
-            for _ in 0..(256 << 20) / CHUNK {
-                if tx.send(Ok(chunk.clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        resp
-    })
-    .await;
-    let toml = format!(
-        "[server]\nsend_timeout = \"500ms\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[pools.up]\nendpoints = [\"http://{}\"]\n[[routes]]\npool = \"up\"\n",
-        up.addr
-    );
-    let proxy = Proxy::start(&toml).await;
+    let up = bulk_upstream(64 << 10, 256 << 20).await;
+    let proxy = Proxy::start(&proxy_config("send_timeout = \"500ms\"", up.addr)).await;
     let stopped = Instant::now(); // before the requests: a strict lower bound
     let mut c = H2Client::connect(proxy.addr, true).await;
     for i in 0..4 {
