@@ -557,6 +557,18 @@ impl RawUpstream {
     }
 }
 
+/// The `error` object of a proxy's JSON error answer in `raw`, after checking its status line.
+fn error_answer(what: &str, raw: &[u8], status_line: &str) -> serde_json::Value {
+    let (head, body) = split_head(raw);
+    assert!(
+        head.starts_with(&format!("{status_line}\r\n")),
+        "{what}: {head}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
+    v["error"].clone()
+}
+
 #[tokio::test]
 async fn malformed_upstream_responses_are_502_with_a_json_body() {
     let mut big = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
@@ -615,14 +627,8 @@ async fn malformed_upstream_responses_are_502_with_a_json_body() {
         c.send("GET /x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await;
         let (raw, _) = within(what, c.read_to_end()).await;
-        let (head, body) = split_head(&raw);
-        assert!(
-            head.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
-            "{what}: {head}"
-        );
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
-        assert_eq!(v["error"]["type"], "upstream_error", "{what}");
+        let error = error_answer(what, &raw, "HTTP/1.1 502 Bad Gateway");
+        assert_eq!(error["type"], "upstream_error", "{what}");
         assert_eq!(up.accepted(), 1, "{what}");
     }
 }
@@ -706,15 +712,9 @@ async fn a_request_body_with_bad_chunk_framing_is_the_clients_400_not_a_502() {
         .await;
         // The client connection closes after the answer: its framing is lost.
         let (raw, _) = within(what, c.read_to_end()).await;
-        let (head, body) = split_head(&raw);
-        assert!(
-            head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-            "{what}: {head}"
-        );
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", String::from_utf8_lossy(&body)));
-        assert_eq!(v["error"]["type"], "bad_request", "{what}");
-        let message = v["error"]["message"].as_str().unwrap_or_default();
+        let error = error_answer(what, &raw, "HTTP/1.1 400 Bad Request");
+        assert_eq!(error["type"], "bad_request", "{what}");
+        let message = error["message"].as_str().unwrap_or_default();
         assert!(message.contains("request body"), "{what}: {message}");
         // The upstream connection, with half a request on it, is closed, not pooled.
         assert_eq!(within(what, up.closed.recv()).await, Some(0), "{what}");

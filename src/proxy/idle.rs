@@ -188,6 +188,22 @@ impl<IO> SendTimeout<IO> {
     }
 }
 
+/// The send timeout of both servers, for a write that just returned `Pending`: arms `blocked` on the
+/// first such write (the caller clears it on progress) and fails once it has run out (`TimedOut`).
+pub(crate) fn poll_send_timeout(
+    blocked: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Error> {
+    let timer = blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+    std::task::ready!(timer.as_mut().poll(cx));
+    tracing::info!(
+        source = "client",
+        "the client took nothing for {limit:?} (send_timeout): connection closed"
+    );
+    Poll::Ready(std::io::ErrorKind::TimedOut.into())
+}
+
 impl<IO> SendTimeout<IO> {
     /// After the inner write's answer: clear the timer on progress, arm or check it while blocked.
     fn watch<T>(
@@ -200,13 +216,7 @@ impl<IO> SendTimeout<IO> {
             *blocked = None;
             return polled;
         }
-        let timer = blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        std::task::ready!(timer.as_mut().poll(cx));
-        tracing::info!(
-            source = "client",
-            "the client took nothing for {limit:?} (send_timeout): connection closed"
-        );
-        Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+        poll_send_timeout(blocked, limit, cx).map(Err)
     }
 }
 

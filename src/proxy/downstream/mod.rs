@@ -39,6 +39,7 @@ use tower::Service;
 use super::body::ClientBody;
 use super::error::json_error;
 use super::http1::{chunk_size_line, connection_has, content_length};
+use super::idle::poll_send_timeout;
 use gone::GoneWatch;
 use wire::{parse, write_date, write_head, write_status, write_trailers, Head, Parsed};
 
@@ -408,14 +409,7 @@ impl Conn {
                             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
                         }
                         let send = Duration::from_millis(u64::from(self.send_timeout_ms));
-                        let timer =
-                            stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send)));
-                        ready!(timer.as_mut().poll(cx));
-                        tracing::info!(
-                            source = "client",
-                            "the client took none of the response for {send:?} (send_timeout): stream cut"
-                        );
-                        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                        return poll_send_timeout(&mut stalled, send, cx).map(Err);
                     }
                 }
             }
