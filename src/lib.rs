@@ -54,6 +54,7 @@ pub mod proxy;
 pub mod sse;
 pub mod stream_info;
 pub mod telemetry;
+pub mod timers;
 pub mod trace;
 
 pub use stream_info::{EndReason, ErrorSource, StreamInfo};

@@ -119,16 +119,21 @@ fn main() -> ExitCode {
 /// process: the multi-threaded scheduler's work-stealing bookkeeping (poll-time statistics, clock
 /// reads, the shared injection queue) is pure overhead on the path of every event when there is no
 /// other thread to steal from.
+///
+/// Without a time driver: timers run on a thread of their own ([`streamgate::timers`]), so that
+/// the serving threads do not run the driver's bookkeeping each time they wait for their sockets,
+/// once per read-and-write cycle when a stream comes fast.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    streamgate::timers::spawn_thread()?;
     if workers <= 1 {
         return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
             .build();
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("streamgate-rt")
-        .enable_all()
+        .enable_io()
         .build()
 }
 

@@ -147,7 +147,7 @@ impl<B> IdleTimeoutBody<B> {
         let now = Instant::now();
         let (sleep, state) = match keepalive {
             Some((interval, line)) => (
-                Some(tokio::time::sleep_until(deadline_after(now, interval))),
+                Some(crate::timers::sleep_until(deadline_after(now, interval))),
                 Some(Keepalive {
                     interval,
                     line,
@@ -168,7 +168,7 @@ impl<B> IdleTimeoutBody<B> {
             kind: Kind::Stream {
                 inner: Some(inner),
                 timers: Box::pin(Timers {
-                    idle: tokio::time::sleep_until(deadline_after(now, idle_after)),
+                    idle: crate::timers::sleep_until(deadline_after(now, idle_after)),
                     keepalive: sleep,
                     polled: None,
                 }),

@@ -192,7 +192,7 @@ where
         let first_byte = self
             .config
             .first_byte
-            .map(|d| tokio::time::sleep_until(deadline_after(Instant::now(), d)));
+            .map(|d| crate::timers::sleep_until(deadline_after(Instant::now(), d)));
         ResponseFuture {
             inner: Some(self.inner.call(req)),
             first_byte,

@@ -129,7 +129,7 @@ impl TokenStream {
             script,
             renderer,
             guard,
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
+            sleep: Box::pin(crate::timers::sleep_until(Instant::now())),
             armed: false,
             gap: Gap::None,
             next: Next::Render,

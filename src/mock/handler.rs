@@ -375,11 +375,11 @@ where
                 .map_or(Duration::ZERO, |s| s.1);
         if let Some(n) = script.abort_after.map(|n| n.min(script.tokens)) {
             let until = script.ttft + script.inter_token * u32::try_from(n).unwrap_or(u32::MAX);
-            tokio::time::sleep(until).await;
+            crate::timers::sleep(until).await;
             guard.end(Outcome::Aborted);
             return Err(MockAbortError::new(n).into());
         }
-        tokio::time::sleep(wait).await;
+        crate::timers::sleep(wait).await;
         let text = full_text(script.tokens);
         let completion_tokens = script.tokens as u64;
         let usage = json!({

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -92,8 +92,8 @@ impl MockServer {
             listener, shared, ..
         } = self;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        builder.http2().timer(TokioTimer::new());
+        builder.http1().timer(crate::timers::HyperTimer);
+        builder.http2().timer(crate::timers::HyperTimer);
         let graceful = GracefulShutdown::new();
         // Owning the connection tasks here means dropping this future aborts them all.
         let mut conns = JoinSet::new();
@@ -110,7 +110,7 @@ impl MockServer {
                         Err(e) => {
                             // Out of file descriptors and the like: back off instead of spinning.
                             tracing::warn!(error = %e, "mock server: accept failed");
-                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            crate::timers::sleep(Duration::from_millis(20)).await;
                             continue;
                         }
                     };

@@ -179,7 +179,7 @@ impl MockStats {
                     }
                 }
             };
-            tokio::time::timeout(timeout, wait)
+            crate::timers::timeout(timeout, wait)
                 .await
                 .map_err(|_| MockWaitTimeout {
                     timeout,

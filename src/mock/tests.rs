@@ -123,7 +123,7 @@ async fn a_slow_reader_slows_the_stream_and_nothing_is_produced_ahead() {
     let start = Instant::now();
     b.frame().await.unwrap().unwrap();
     // The reader takes a second before it asks again (as hyper does when the socket is full).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    crate::timers::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         stats.tokens_sent(),
         1,

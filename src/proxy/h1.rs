@@ -139,7 +139,7 @@ impl H1Endpoint {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let weak = Arc::downgrade(self);
                 rt.spawn(async move {
-                    let mut tick = tokio::time::interval(REAP_EVERY);
+                    let mut tick = crate::timers::interval(REAP_EVERY);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tick.tick().await;
@@ -161,7 +161,7 @@ impl H1Endpoint {
     }
 
     async fn connect(&self) -> Result<TcpStream, SendError> {
-        let s = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
+        let s = crate::timers::timeout(self.connect_timeout, TcpStream::connect(&self.authority))
             .await
             .map_err(|_| {
                 SendError::Connect(io::Error::new(

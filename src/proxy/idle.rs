@@ -42,7 +42,7 @@ impl Activity {
                 continue;
             }
             tokio::select! {
-                () = tokio::time::sleep(timeout) => {
+                () = crate::timers::sleep(timeout) => {
                     if self.open.load(Ordering::SeqCst) == 0
                         && self.begun.load(Ordering::SeqCst) == begun
                     {
@@ -195,7 +195,7 @@ pub(crate) fn poll_send_timeout(
     limit: Duration,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Error> {
-    let timer = blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+    let timer = blocked.get_or_insert_with(|| Box::pin(crate::timers::sleep(limit)));
     std::task::ready!(timer.as_mut().poll(cx));
     tracing::info!(
         source = "client",
@@ -281,7 +281,7 @@ mod tests {
         // A request in flight for 100 s: idle 30 s after it ends, not before.
         let guard = InFlight::begin(&a);
         let ends = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(100)).await;
+            crate::timers::sleep(Duration::from_secs(100)).await;
             drop(guard);
         });
         let start = tokio::time::Instant::now();
@@ -294,7 +294,7 @@ mod tests {
         let brief = {
             let a = a.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(20)).await;
+                crate::timers::sleep(Duration::from_secs(20)).await;
                 drop(InFlight::begin(&a));
             })
         };

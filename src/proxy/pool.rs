@@ -9,14 +9,57 @@ use std::time::{Duration, Instant};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use super::body::UpstreamRequestBody;
 use super::config::{Balance, EndpointConfig, PoolConfig, UpstreamProtocol};
 
 /// The HTTP client used to reach one pool.
-pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>;
+pub(crate) type UpstreamClient = Client<Connector, UpstreamRequestBody>;
+
+/// hyper-util's connector (TCP, then TLS for `https`) under one deadline: `connect_timeout`.
+///
+/// hyper-util's own connect timeout (and its Happy Eyeballs fallback delay) would be tokio timers
+/// made inside the connect future, on the serving runtime, which has no time driver when timers
+/// run on their own thread (see [`crate::timers`]). This one is made on [`crate::timers`]. It
+/// bounds the TLS handshake too, as nginx's `proxy_connect_timeout` does. Addresses of a name are
+/// tried in the order resolved, each in turn on failure.
+#[derive(Clone, Debug)]
+pub(crate) struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = <HttpsConnector<HttpConnector> as tower::Service<http::Uri>>::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connect = crate::timers::timeout(self.timeout, self.inner.call(uri));
+        let limit = self.timeout;
+        Box::pin(async move {
+            match connect.await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {limit:?}"),
+                )
+                .into()),
+            }
+        })
+    }
+}
 
 /// Longest back-off multiplier for an endpoint ejected again and again.
 const MAX_BACKOFF_SHIFT: u32 = 4;
@@ -213,7 +256,7 @@ impl Pool {
         let Some(hc) = self.cfg.health_check.clone() else {
             return;
         };
-        let mut tick = tokio::time::interval(hc.interval);
+        let mut tick = crate::timers::interval(hc.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -227,7 +270,7 @@ impl Pool {
                     .body(UpstreamRequestBody::empty());
                 let ok = match req {
                     Ok(req) => matches!(
-                        tokio::time::timeout(hc.timeout, self.client.request(req)).await,
+                        crate::timers::timeout(hc.timeout, self.client.request(req)).await,
                         Ok(Ok(resp)) if resp.status().is_success()
                     ),
                     Err(_) => false,
@@ -257,7 +300,9 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
+    // Both made on the serving runtime: see `Connector`, which bounds the connection instead.
+    http.set_connect_timeout(None);
+    http.set_happy_eyeballs_timeout(None);
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let mut roots = rustls::RootCertStore::empty();
@@ -289,8 +334,8 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
         UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
     };
     let mut b = Client::builder(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
+    b.timer(crate::timers::HyperTimer)
+        .pool_timer(crate::timers::HyperTimer)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .set_host(true)
@@ -312,7 +357,10 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     if cfg.protocol == UpstreamProtocol::Http2 {
         b.http2_only(true);
     }
-    Ok(b.build(connector))
+    Ok(b.build(Connector {
+        inner: connector,
+        timeout: cfg.connect_timeout,
+    }))
 }
 
 #[cfg(test)]

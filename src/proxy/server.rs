@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -267,7 +267,7 @@ impl Server {
         tracker.close();
         // HTTP/1.1 connections close after their current response; HTTP/2 ones get GOAWAY.
         graceful.cancel();
-        if tokio::time::timeout(self.drain_timeout, tracker.wait())
+        if crate::timers::timeout(self.drain_timeout, tracker.wait())
             .await
             .is_err()
         {
@@ -279,7 +279,7 @@ impl Server {
             self.shared.drain_deadline.fire();
         }
         // Connections end as soon as their streams do; bound the wait anyway.
-        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        if crate::timers::timeout(Duration::from_secs(5), tracker.wait())
             .await
             .is_err()
         {
@@ -306,7 +306,7 @@ struct Conns {
 fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(crate::timers::HyperTimer)
         // Waiting for the next request's head counts as idle: the same timeout.
         .header_read_timeout(idle)
         .keep_alive(true)
@@ -315,7 +315,7 @@ fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
         // 431); capping the read buffer there keeps hyper from growing it per idle stream.
         .max_buf_size(8 * 1024);
     b.http2()
-        .timer(TokioTimer::new())
+        .timer(crate::timers::HyperTimer)
         .max_concurrent_streams(1024)
         // What a stream may queue for a client that reads slower than its upstream writes. hyper's
         // default, 400 KB, let one client that advertises large windows and then stops reading
@@ -369,7 +369,7 @@ async fn accept_loop(
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::timers::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -386,7 +386,7 @@ async fn accept_loop(
         match l.tls.clone() {
             None => tracker.spawn(serve_plain(stream, info, app, conns, graceful)),
             Some(acc) => tracker.spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acc.accept(stream)).await {
+                match crate::timers::timeout(Duration::from_secs(10), acc.accept(stream)).await {
                     Ok(Ok(s)) => serve(s, info, app, &conns, graceful).await,
                     Ok(Err(e)) => tracing::debug!(client = %remote, error = %e, source = "client", "TLS handshake failed"),
                     Err(_) => tracing::debug!(client = %remote, source = "client", "TLS handshake timed out"),

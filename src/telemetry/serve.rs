@@ -44,13 +44,13 @@ pub async fn serve_metrics(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(target: "streamgate::telemetry", error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::timers::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    let _ = crate::timers::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
 fn metrics_response(telemetry: &Telemetry, method: &Method, path: &str) -> Response<Full<Bytes>> {

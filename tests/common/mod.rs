@@ -46,17 +46,37 @@ impl Proxy {
         Self::start_cfg(cfg).await
     }
 
+    /// The proxy runs as the binary runs it: on a runtime of its own, in a thread of its own, with
+    /// no time driver (timers on [`streamgate::timers`]' thread). A stray `tokio::time` call in
+    /// the proxy panics there, as it would in production.
     pub async fn start_cfg(cfg: Config) -> Proxy {
-        let server = Server::bind(cfg).await.expect("bind proxy");
-        let addr = server.local_addrs()[0];
+        streamgate::timers::spawn_thread().expect("timer thread");
+        let (bound_tx, bound_rx) = oneshot::channel::<SocketAddr>();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            server
-                .run(async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("proxy run");
+        let thread = std::thread::Builder::new()
+            .name("proxy".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .expect("proxy runtime");
+                rt.block_on(async move {
+                    let server = Server::bind(cfg).await.expect("bind proxy");
+                    let _ = bound_tx.send(server.local_addrs()[0]);
+                    server
+                        .run(async {
+                            let _ = rx.await;
+                        })
+                        .await
+                        .expect("proxy run");
+                });
+            })
+            .expect("proxy thread");
+        let addr = bound_rx.await.expect("the proxy did not start");
+        let task = tokio::task::spawn_blocking(move || {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
         });
         Proxy {
             addr,

@@ -154,7 +154,7 @@ where
         // Ready first, while no request is held (the stack is always ready; tower asks for it).
         let Ok(()) = poll_fn(|cx| svc.poll_ready(cx)).await;
         let (mut call, method, version, mut keep_alive, te_trailers) = {
-            let read = Box::pin(tokio::time::timeout(
+            let read = Box::pin(crate::timers::timeout(
                 timeouts.idle,
                 conn.read_request(first, &graceful),
             ))
@@ -451,7 +451,7 @@ impl Conn {
                 }
             }
         };
-        let _ = tokio::time::timeout(LINGER, linger).await;
+        let _ = crate::timers::timeout(LINGER, linger).await;
         Ok(())
     }
 
