@@ -39,6 +39,9 @@
 //! keepalives. The layers share one [`StreamInfo`] per request (in the request extensions) to agree on
 //! how a stream ended and which bytes were injected.
 //!
+//! The layers' timers are tokio timers of the runtime they run on, which needs `enable_time`, unless
+//! [`timers::spawn_thread`] has moved them to a thread of their own, as the proxy binary does.
+//!
 //! ## Non-goals
 //!
 //! streamgate does not transform payloads (no compression of event streams, no re-framing), does not

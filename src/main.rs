@@ -278,8 +278,12 @@ async fn sample(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::BodyExt;
     use std::io::Write;
+    // No Happy Eyeballs timer: it would be made on this runtime, which has no time driver (the
+    // address is an IP literal, so it would not be made; this says so).
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_happy_eyeballs_timeout(None);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+        .build::<_, http_body_util::Full<bytes::Bytes>>(http);
     let req = http::Request::post(format!("http://{proxy}/v1/chat/completions"))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from_static(

@@ -21,8 +21,13 @@
 //! one that fires wakes its task across threads (a few microseconds), which happens when a stream
 //! times out or a heartbeat is due, not per event.
 //!
-//! Only timers created through streamgate follow [`spawn_thread`]: other code on a runtime
-//! without `enable_time` that calls `tokio::time` panics, as tokio documents.
+//! [`spawn_thread`] is for the whole process, and for good:
+//! - Only timers created through streamgate follow it: other code on a runtime without
+//!   `enable_time` that calls `tokio::time` panics, as tokio documents.
+//! - Paused time (`tokio::time::pause`, `start_paused`) no longer drives streamgate's timers, in
+//!   any runtime of the process.
+//! - The thread runs until the process exits. Should it ever stop (a waker that panics as a timer
+//!   fires), the process aborts rather than leave every later timer failing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +38,7 @@ use tokio::runtime::Handle;
 use tokio::time::{Instant, Interval, Sleep, Timeout};
 
 static THREAD: OnceLock<Handle> = OnceLock::new();
-/// Held while the thread starts: it is published only once it runs.
+/// Held while the thread starts, so that one process starts one.
 static STARTING: Mutex<()> = Mutex::new(());
 
 /// Starts the timer thread, once per process; later calls return at once. From then on the
@@ -52,7 +57,13 @@ pub fn spawn_thread() -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("streamgate-timers".into())
         // The driver fires timers only while the runtime is blocked on something: forever.
-        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        .spawn(move || {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(std::future::pending::<()>())
+            }));
+            eprintln!("streamgate: the timer thread stopped; aborting");
+            std::process::abort();
+        })?;
     let _ = THREAD.set(handle);
     Ok(())
 }

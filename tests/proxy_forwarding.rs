@@ -419,6 +419,91 @@ async fn reset_before_headers_retries_only_idempotent_requests() {
     );
 }
 
+/// A listening socket that takes no connection: its accept queue is full, so the kernel drops
+/// further SYNs and a connect to it hangs. Returns the address and what keeps it full.
+async fn blackhole() -> (
+    SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(0).unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("connect to the filling listener: {e}"),
+            Err(_) => return (addr, l, held),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+#[tokio::test]
+async fn connect_timeout_bounds_each_attempt_on_both_clients() {
+    // Connect timeouts are timers made on the timer thread (the serving runtime has no time
+    // driver): hyper-util's own, made in its connect future, would panic there. Both upstream
+    // clients, the lean HTTP/1.1 one and hyper's (HTTP/2 here), give up on an address that never
+    // answers after `connect_timeout`, and the client gets a 502 naming it.
+    let (hole, _l, _held) = blackhole().await;
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.lean]\nendpoints = [\"http://{hole}\"]\nconnect_timeout = \"300ms\"\n\
+         [pools.h2]\nendpoints = [\"http://{hole}\"]\nconnect_timeout = \"300ms\"\nprotocol = \"http2\"\n\
+         [[routes]]\npath_prefix = \"/h2/\"\npool = \"h2\"\n\
+         [[routes]]\npath_prefix = \"/\"\npool = \"lean\"\n"
+    );
+    let proxy = Proxy::start(&toml).await;
+    for path in ["/lean", "/h2/x"] {
+        let asked = std::time::Instant::now();
+        let (s, _, body) = get_text(proxy.addr, path).await;
+        let took = asked.elapsed();
+        assert_eq!(s, 502, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["type"], "upstream_unreachable", "{path}: {body}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("{hole}: no connection within 300ms")),
+            "{path}: {message}"
+        );
+        assert!(
+            took >= Duration::from_millis(300),
+            "{path}: gave up after {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(3),
+            "{path}: gave up after {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_name_is_tried_address_by_address() {
+    // `localhost` resolves to 127.0.0.1, and on most machines to ::1 too. The upstream listens on
+    // 127.0.0.1 only: wherever ::1 comes in the order, the request gets through on both clients.
+    let up = Upstream::start(|_| async { full(200, "text/plain", "hello") }).await;
+    let port = up.addr.port();
+    let toml = format!(
+        "[[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.lean]\nendpoints = [\"http://localhost:{port}\"]\n\
+         [pools.h2]\nendpoints = [\"http://localhost:{port}\"]\nprotocol = \"http2\"\n\
+         [[routes]]\npath_prefix = \"/h2/\"\npool = \"h2\"\n\
+         [[routes]]\npath_prefix = \"/\"\npool = \"lean\"\n"
+    );
+    let proxy = Proxy::start(&toml).await;
+    for path in ["/lean", "/h2/x"] {
+        let (s, _, body) = get_text(proxy.addr, path).await;
+        assert_eq!((s, body.as_str()), (200, "hello"), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_upstream_is_502_then_ejected_503_with_retry_after() {
     let dead = dead_port().await;
@@ -490,7 +575,8 @@ async fn over_capacity_is_503() {
     // Capacity comes back when the stream ends.
     held.close_rst();
     let mut ok = false;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
         let mut c = RawClient::connect(proxy.addr).await;
         c.send("GET /s HTTP/1.1\r\nhost: x\r\n\r\n").await;
         let head = c.read_until(b"\r\n\r\n").await;
@@ -498,8 +584,9 @@ async fn over_capacity_is_503() {
             ok = true;
             break;
         }
-        // The permit is released when the proxy notices the reset; poll until it has.
-        tokio::task::yield_now().await;
+        // The permit is released when the proxy (on a thread of its own) notices the reset; poll
+        // until it has.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(ok, "capacity was never released");
 }
@@ -529,12 +616,14 @@ async fn graceful_shutdown_lets_open_streams_finish() {
     let done = proxy.shutdown();
     // New connections are refused once the listener is closed.
     let mut refused = false;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
         if tokio::net::TcpStream::connect(proxy.addr).await.is_err() {
             refused = true;
             break;
         }
-        tokio::task::yield_now().await;
+        // The proxy closes its listener on a thread of its own: poll until it has.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(refused, "listener still accepting after shutdown");
     assert!(!done.is_finished());

@@ -868,7 +868,14 @@ async fn ten_thousand_disconnects_leak_nothing() {
         up.addr
     );
     let proxy = Proxy::start(&toml).await;
-    let metrics = tokio::runtime::Handle::current().metrics();
+    // Tasks of the test's runtime (upstream, clients) and of the proxy's, which runs on its own.
+    let metrics = [
+        tokio::runtime::Handle::current().metrics(),
+        proxy.runtime.metrics(),
+    ];
+    let alive = |m: &[tokio::runtime::RuntimeMetrics]| -> usize {
+        m.iter().map(|m| m.num_alive_tasks()).sum()
+    };
 
     async fn one(addr: std::net::SocketAddr, i: usize, up: &Upstream) {
         let before = up.total_connections();
@@ -897,12 +904,12 @@ async fn ten_thousand_disconnects_leak_nothing() {
 
     async fn settle(
         up: &Upstream,
-        metrics: &tokio::runtime::RuntimeMetrics,
+        metrics: &[tokio::runtime::RuntimeMetrics],
         tasks: usize,
     ) -> usize {
         let deadline = Instant::now() + T;
         loop {
-            let alive = metrics.num_alive_tasks();
+            let alive: usize = metrics.iter().map(|m| m.num_alive_tasks()).sum();
             if up.open_connections() == 0 && alive <= tasks {
                 return alive;
             }
@@ -925,7 +932,7 @@ async fn ten_thousand_disconnects_leak_nothing() {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        metrics.num_alive_tasks()
+        alive(&metrics)
     };
     let base_rss = rss_kib(std::process::id(), "VmRSS:");
     let t0 = Instant::now();

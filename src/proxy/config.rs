@@ -204,8 +204,8 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// Extra CA bundle (PEM) trusted for `https` endpoints, besides the webpki roots.
     pub ca_file: Option<PathBuf>,
-    /// Connect timeout: the TCP connection, and for `https` endpoints the TLS handshake too (as
-    /// nginx's `proxy_connect_timeout`). Default: 5 s.
+    /// TCP connect timeout, for each address of the endpoint's name in turn (as nginx's
+    /// `proxy_connect_timeout`). Default: 5 s.
     pub connect_timeout: Duration,
     /// Consecutive connect failures that eject an endpoint. Default: 3.
     pub max_fails: u32,

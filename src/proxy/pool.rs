@@ -16,47 +16,82 @@ use super::body::UpstreamRequestBody;
 use super::config::{Balance, EndpointConfig, PoolConfig, UpstreamProtocol};
 
 /// The HTTP client used to reach one pool.
-pub(crate) type UpstreamClient = Client<Connector, UpstreamRequestBody>;
+pub(crate) type UpstreamClient = Client<HttpsConnector<Tcp>, UpstreamRequestBody>;
 
-/// hyper-util's connector (TCP, then TLS for `https`) under one deadline: `connect_timeout`.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The TCP half of the upstream connector: the addresses of the endpoint's name in turn, each under
+/// its own `connect_timeout`, as nginx tries an upstream's addresses with `proxy_connect_timeout`
+/// each.
 ///
-/// hyper-util's own connect timeout (and its Happy Eyeballs fallback delay) would be tokio timers
-/// made inside the connect future, on the serving runtime, which has no time driver when timers
-/// run on their own thread (see [`crate::timers`]). This one is made on [`crate::timers`]. It
-/// bounds the TLS handshake too, as nginx's `proxy_connect_timeout` does. Addresses of a name are
-/// tried in the order resolved, each in turn on failure.
+/// hyper-util's `HttpConnector` does this with timers of its own (its connect timeout, and its
+/// Happy Eyeballs fallback delay), made inside the connect future, on the serving runtime: that
+/// runtime has no time driver when timers run on their own thread ([`crate::timers`]). Here it is
+/// given one address at a time, which needs neither, and the timeout is made on
+/// [`crate::timers`]. The TLS handshake that follows for `https` is bounded by the first-byte
+/// timeout, as the rest of the request is.
 #[derive(Clone, Debug)]
-pub(crate) struct Connector {
-    inner: HttpsConnector<HttpConnector>,
+pub(crate) struct Tcp {
+    http: HttpConnector,
     timeout: Duration,
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = <HttpsConnector<HttpConnector> as tower::Service<http::Uri>>::Response;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+impl tower::Service<http::Uri> for Tcp {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
     >;
 
     fn poll_ready(
         &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connect = crate::timers::timeout(self.timeout, self.inner.call(uri));
+        use tower::ServiceExt;
+        let http = self.http.clone();
         let limit = self.timeout;
         Box::pin(async move {
-            match connect.await {
-                Ok(r) => r,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {limit:?}"),
-                )
-                .into()),
+            let host = uri.host().ok_or("the upstream URI has no host")?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port =
+                uri.port_u16()
+                    .unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                        443
+                    } else {
+                        80
+                    });
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .collect();
+            let mut last: Option<BoxError> = None;
+            for addr in addrs {
+                let one = http::Uri::builder()
+                    .scheme("http")
+                    .authority(addr.to_string())
+                    .path_and_query("/")
+                    .build()?;
+                match crate::timers::timeout(limit, http.clone().oneshot(one)).await {
+                    Ok(Ok(io)) => return Ok(io),
+                    Ok(Err(e)) => {
+                        last = Some(format!("{addr}: {}", super::forward::error_chain(&e)).into());
+                    }
+                    Err(_) => {
+                        last = Some(
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("{addr}: no connection within {limit:?}"),
+                            )
+                            .into(),
+                        );
+                    }
+                }
             }
+            Err(last.unwrap_or_else(|| format!("{host} resolved to no address").into()))
         })
     }
 }
@@ -300,7 +335,7 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
-    // Both made on the serving runtime: see `Connector`, which bounds the connection instead.
+    // Both would be timers made on the serving runtime: `Tcp` times each address instead.
     http.set_connect_timeout(None);
     http.set_happy_eyeballs_timeout(None);
     http.set_keepalive(Some(Duration::from_secs(60)));
@@ -328,10 +363,14 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
+    let tcp = Tcp {
+        http,
+        timeout: cfg.connect_timeout,
+    };
     let connector = match cfg.protocol {
-        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
-        UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
+        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(tcp),
+        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(tcp),
+        UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(tcp),
     };
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(crate::timers::HyperTimer)
@@ -357,10 +396,7 @@ fn build_client(cfg: &PoolConfig) -> Result<UpstreamClient, String> {
     if cfg.protocol == UpstreamProtocol::Http2 {
         b.http2_only(true);
     }
-    Ok(b.build(Connector {
-        inner: connector,
-        timeout: cfg.connect_timeout,
-    }))
+    Ok(b.build(connector))
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
 /// A running proxy.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The proxy's own runtime (its tasks, for leak checks).
+    pub runtime: tokio::runtime::Handle,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<()>>,
 }
@@ -48,38 +50,45 @@ impl Proxy {
 
     /// The proxy runs as the binary runs it: on a runtime of its own, in a thread of its own, with
     /// no time driver (timers on [`streamgate::timers`]' thread). A stray `tokio::time` call in
-    /// the proxy panics there, as it would in production.
+    /// the proxy panics there, as it would in production. The thread is left detached: a proxy
+    /// that does not exit fails the test that waits for it, without holding up the test's runtime.
     pub async fn start_cfg(cfg: Config) -> Proxy {
         streamgate::timers::spawn_thread().expect("timer thread");
-        let (bound_tx, bound_rx) = oneshot::channel::<SocketAddr>();
+        let (bound_tx, bound_rx) = oneshot::channel::<(SocketAddr, tokio::runtime::Handle)>();
         let (tx, rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
+        let (done_tx, done_rx) = oneshot::channel::<std::thread::Result<()>>();
+        std::thread::Builder::new()
             .name("proxy".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                    .expect("proxy runtime");
-                rt.block_on(async move {
-                    let server = Server::bind(cfg).await.expect("bind proxy");
-                    let _ = bound_tx.send(server.local_addrs()[0]);
-                    server
-                        .run(async {
-                            let _ = rx.await;
-                        })
-                        .await
-                        .expect("proxy run");
-                });
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_io()
+                        .build()
+                        .expect("proxy runtime");
+                    let handle = rt.handle().clone();
+                    rt.block_on(async move {
+                        let server = Server::bind(cfg).await.expect("bind proxy");
+                        let _ = bound_tx.send((server.local_addrs()[0], handle));
+                        server
+                            .run(async {
+                                let _ = rx.await;
+                            })
+                            .await
+                            .expect("proxy run");
+                    });
+                }));
+                let _ = done_tx.send(ran);
             })
             .expect("proxy thread");
-        let addr = bound_rx.await.expect("the proxy did not start");
-        let task = tokio::task::spawn_blocking(move || {
-            if let Err(panic) = thread.join() {
+        let (addr, runtime) = bound_rx.await.expect("the proxy did not start");
+        let task = tokio::spawn(async move {
+            if let Ok(Err(panic)) = done_rx.await {
                 std::panic::resume_unwind(panic);
             }
         });
         Proxy {
             addr,
+            runtime,
             stop: Some(tx),
             task: Some(task),
         }
