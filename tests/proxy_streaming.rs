@@ -654,6 +654,21 @@ async fn client_connections_close_once_idle_and_never_while_a_stream_is_open() {
     );
 }
 
+/// An HTTP/1.1 client of `GET /big` with a 4 KiB socket receive buffer (so that the kernel holds
+/// little on its side), returned once it has read the response head and nothing more.
+async fn big_download_read_to_its_head(addr: std::net::SocketAddr) -> RawClient {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = within("connect", sock.connect(addr)).await.unwrap();
+    let mut c = RawClient {
+        stream,
+        received: Vec::new(),
+    };
+    c.get("/big").await;
+    c.read_until(b"\r\n\r\n").await;
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_h2_upstream() {
     // Every stream to an HTTP/2 upstream shares one connection, and its flow-control window. What a
@@ -693,16 +708,7 @@ async fn clients_that_stop_reading_do_not_stall_others_on_a_shared_h2_upstream()
     let proxy = Proxy::start(&toml).await;
     let mut slow = Vec::new();
     for _ in 0..SLOW {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let stream = sock.connect(proxy.addr).await.unwrap();
-        let mut c = RawClient {
-            stream,
-            received: Vec::new(),
-        };
-        c.get("/big").await;
-        c.read_until(b"\r\n\r\n").await;
-        slow.push(c); // ... and never read again.
+        slow.push(big_download_read_to_its_head(proxy.addr).await); // ... and never read again.
     }
     // Until the upstream can send no more: nothing sent for 200 ms. (Before the fix the four
     // slow streams then hold the whole connection window.)
@@ -746,22 +752,10 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is
     let _serial = serial().await;
     let up = bulk_upstream(64 << 10, 256 << 20).await;
     let proxy = Proxy::start(&proxy_config("send_timeout = \"500ms\"", up.addr)).await;
-    let connect = || async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let stream = sock.connect(proxy.addr).await.unwrap();
-        let mut c = RawClient {
-            stream,
-            received: Vec::new(),
-        };
-        c.get("/big").await;
-        c.read_until(b"\r\n\r\n").await;
-        c
-    };
     use tokio::io::AsyncReadExt;
 
     // A slow reader: 16 KiB every 100 ms, for three times the timeout. It is never cut.
-    let mut slow = connect().await;
+    let mut slow = big_download_read_to_its_head(proxy.addr).await;
     let mut buf = vec![0u8; 16 << 10];
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1500) {
@@ -785,7 +779,7 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is
     // for the send timeout.
     // Before the request: the proxy cannot start its timer earlier.
     let stopped = Instant::now();
-    let stalled = connect().await;
+    let stalled = big_download_read_to_its_head(proxy.addr).await;
     let deadline = stopped + T;
     while up.open_connections() > 0 {
         assert!(

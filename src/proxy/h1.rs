@@ -161,32 +161,14 @@ impl H1Endpoint {
     }
 
     async fn connect(&self) -> Result<TcpStream, SendError> {
-        // Each address of the name in turn, each with its own timeout, as nginx does.
-        let addrs = tokio::net::lookup_host(&self.authority)
+        let s =
+            super::pool::connect_in_turn(self.authority.as_str(), self.connect_timeout, |addr| {
+                TcpStream::connect(addr)
+            })
             .await
             .map_err(SendError::Connect)?;
-        let mut last = None;
-        for addr in addrs {
-            match crate::timers::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Ok(Err(e)) => last = Some(io::Error::new(e.kind(), format!("{addr}: {e}"))),
-                Err(_) => {
-                    last = Some(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("{addr}: no connection within {:?}", self.connect_timeout),
-                    ))
-                }
-            }
-        }
-        Err(SendError::Connect(last.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} resolved to no address", self.authority),
-            )
-        })))
+        let _ = s.set_nodelay(true);
+        Ok(s)
     }
 
     /// Sends `req` (origin-form target from its URI) and returns once the response head is read.

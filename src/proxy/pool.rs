@@ -36,6 +36,41 @@ pub(crate) struct Tcp {
     timeout: Duration,
 }
 
+/// Connects to the addresses `target` (`host:port`) resolves to, in turn, each under its own `limit` (made on
+/// [`crate::timers`]), as nginx does with `proxy_connect_timeout`: the first that connects wins;
+/// else the last failure, prefixed with its address. Both upstream clients connect through it.
+pub(crate) async fn connect_in_turn<T, F, Fut>(
+    target: &str,
+    limit: Duration,
+    mut connect: F,
+) -> std::io::Result<T>
+where
+    F: FnMut(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    use std::io::{Error, ErrorKind};
+    let addrs = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| Error::new(e.kind(), format!("cannot resolve {target}: {e}")))?;
+    let mut last = None;
+    for addr in addrs {
+        last = Some(match crate::timers::timeout(limit, connect(addr)).await {
+            Ok(Ok(io)) => return Ok(io),
+            Ok(Err(e)) => Error::new(e.kind(), format!("{addr}: {e}")),
+            Err(_) => Error::new(
+                ErrorKind::TimedOut,
+                format!("{addr}: no connection within {limit:?}"),
+            ),
+        });
+    }
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{target} resolved to no address"),
+        )
+    }))
+}
+
 impl tower::Service<http::Uri> for Tcp {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
     type Error = BoxError;
@@ -55,8 +90,8 @@ impl tower::Service<http::Uri> for Tcp {
         let http = self.http.clone();
         let limit = self.timeout;
         Box::pin(async move {
+            // An IPv6 literal keeps its brackets: `[::1]:443` parses as one address.
             let host = uri.host().ok_or("the upstream URI has no host")?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
             let port =
                 uri.port_u16()
                     .unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
@@ -64,34 +99,22 @@ impl tower::Service<http::Uri> for Tcp {
                     } else {
                         80
                     });
-            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
-                .collect();
-            let mut last: Option<BoxError> = None;
-            for addr in addrs {
-                let one = http::Uri::builder()
-                    .scheme("http")
-                    .authority(addr.to_string())
-                    .path_and_query("/")
-                    .build()?;
-                match crate::timers::timeout(limit, http.clone().oneshot(one)).await {
-                    Ok(Ok(io)) => return Ok(io),
-                    Ok(Err(e)) => {
-                        last = Some(format!("{addr}: {}", super::forward::error_chain(&e)).into());
-                    }
-                    Err(_) => {
-                        last = Some(
-                            std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("{addr}: no connection within {limit:?}"),
-                            )
-                            .into(),
-                        );
-                    }
+            let io = connect_in_turn(&format!("{host}:{port}"), limit, |addr| {
+                let http = http.clone();
+                async move {
+                    let one = http::Uri::builder()
+                        .scheme("http")
+                        .authority(addr.to_string())
+                        .path_and_query("/")
+                        .build()
+                        .map_err(std::io::Error::other)?;
+                    http.oneshot(one)
+                        .await
+                        .map_err(|e| std::io::Error::other(super::forward::error_chain(&e)))
                 }
-            }
-            Err(last.unwrap_or_else(|| format!("{host} resolved to no address").into()))
+            })
+            .await?;
+            Ok(io)
         })
     }
 }
