@@ -473,6 +473,13 @@ impl H2Client {
         }
     }
 
+    /// `WINDOW_UPDATE`: `n` more bytes may be sent on stream `id` (0: the connection).
+    async fn window_update(&mut self, id: u32, n: u32) {
+        use tokio::io::AsyncWriteExt;
+        let update = Self::frame(8, 0, id, &n.to_be_bytes());
+        self.stream.write_all(&update).await.unwrap();
+    }
+
     /// GET `path` on stream `id` (odd, rising), with no body.
     async fn get(&mut self, id: u32, path: &str) {
         use tokio::io::AsyncWriteExt;
@@ -836,6 +843,91 @@ async fn an_h2_client_that_stops_reading_is_closed_after_send_timeout() {
         stopped.elapsed()
     );
     drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_whose_window_stays_shut_is_reset_after_send_timeout_and_the_rest_go_on() {
+    // A client that reads its connection and opens one stream's window as it reads, but never the
+    // other's. hyper waits for that window and polls the stream's body no more, so no timer in the
+    // body fires, and the connection's writes go on. After the send timeout, as nginx does, that
+    // stream is reset and its upstream request cancelled; the other stream and the connection go on.
+    let _serial = serial().await;
+    let up = bulk_upstream(64 << 10, 256 << 20).await;
+    let proxy = Proxy::start(&proxy_config("send_timeout = \"500ms\"", up.addr)).await;
+    let mut c = H2Client::connect(proxy.addr, false).await;
+    // The connection's window wide open; each stream's stays at the default 65,535 bytes.
+    c.window_update(0, (u32::MAX >> 1) - 65_535).await;
+    let start = Instant::now(); // before the requests: a strict lower bound
+    c.get(1, "/big").await;
+    c.get(3, "/big").await;
+    let (mut shut, mut read, mut owed) = (0usize, 0usize, 0u32);
+    // Stream 3 is read slowly: its window reopened 32 KiB at a time, 100 ms after the 32 KiB came.
+    // It waits for its window again and again, never for the send timeout, and is never reset.
+    async fn take(c: &mut H2Client, read: &mut usize, owed: &mut u32, len: usize) {
+        *read += len;
+        *owed += len as u32;
+        if *owed >= 32 << 10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.window_update(3, *owed).await;
+            *owed = 0;
+        }
+    }
+    let reset = loop {
+        let Some((kind, _, id, payload)) = c.next().await else {
+            panic!("the proxy closed the connection");
+        };
+        match (kind, id) {
+            (0, 1) => shut += payload.len(),
+            (0, 3) => take(&mut c, &mut read, &mut owed, payload.len()).await,
+            (3, 1) => break payload,
+            (3 | 7, _) => panic!("frame type {kind} on stream {id}"),
+            _ => {}
+        }
+        assert!(start.elapsed() < T, "the shut stream was never reset");
+    };
+    let after = start.elapsed();
+    assert!(
+        after >= Duration::from_millis(500),
+        "reset after {after:?}, before the send timeout"
+    );
+    assert_eq!(shut, 65_535, "the shut stream's window, filled");
+    assert_eq!(reset, 8u32.to_be_bytes(), "RST_STREAM with CANCEL");
+    // Its upstream request is cancelled; the other stream's is not.
+    let deadline = Instant::now() + T;
+    while up.open_connections() != 1 || up.total_connections() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} upstream requests open, one expected",
+            up.open_connections(),
+            up.total_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Stream 3 goes on over the same connection, for twice the send timeout more.
+    let before = read;
+    let reset_at = Instant::now();
+    while reset_at.elapsed() < Duration::from_millis(1000) {
+        let Some((kind, _, id, payload)) = c.next().await else {
+            panic!("the proxy closed the connection after the reset");
+        };
+        match (kind, id) {
+            (0, 3) => take(&mut c, &mut read, &mut owed, payload.len()).await,
+            (3 | 7, _) => panic!("frame type {kind} on stream {id} after the reset"),
+            (0, _) => panic!("data on stream {id} after its reset"),
+            _ => {}
+        }
+    }
+    assert!(
+        read > before,
+        "the open stream made no progress after the reset"
+    );
+    assert_eq!(up.open_connections(), 1, "the open stream's upstream");
+    eprintln!(
+        "a stream whose window stayed shut was reset {after:?} after it was requested; \
+         its slow neighbour read {} KiB in all, {} KiB of them after the reset",
+        read >> 10,
+        (read - before) >> 10
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,17 +131,20 @@ where
             resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
+                progress: super::stream_timeout::current(),
             })
         }))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request in flight until dropped.
+    /// A response body that keeps its request in flight until dropped, and tells its HTTP/2
+    /// stream's task how it moves (the stream's send timeout, [`super::stream_timeout`]).
     pub(crate) struct TrackedBody<B> {
         #[pin]
         inner: B,
         _guard: Option<InFlight>,
+        progress: Option<Arc<super::stream_timeout::Progress>>,
     }
 }
 
@@ -153,7 +156,12 @@ impl<B: Body> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Some(progress) = this.progress {
+            progress.polled(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

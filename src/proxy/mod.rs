@@ -30,6 +30,7 @@ mod idle;
 mod pool;
 mod server;
 pub mod stack;
+mod stream_timeout;
 #[cfg(test)]
 mod test_waker;
 mod tls;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -25,6 +25,7 @@ use super::forward::{ConnInfo, Forward, RouteRuntime, Shared};
 use super::idle::{Activity, SendTimeout, Tracked};
 use super::pool::Pool;
 use super::stack::{self, App, RouteStack};
+use super::stream_timeout::StreamExecutor;
 
 /// A failure to start or run the server (not a configuration error: those are found by
 /// [`Config::load`]).
@@ -236,7 +237,7 @@ impl Server {
         let graceful = CancellationToken::new();
         let tracker = TaskTracker::new();
         let conns = Arc::new(Conns {
-            http: http_builder(self.client_idle_timeout),
+            http: http_builder(self.client_idle_timeout, self.send_timeout),
             timeouts: ClientTimeouts {
                 idle: self.client_idle_timeout,
                 send: self.send_timeout,
@@ -299,12 +300,14 @@ const H2_SEND_BUF: usize = 16 * 1024;
 /// (`client_idle_timeout`, `send_timeout`).
 /// One per server, shared by its connections, which hold it behind one pointer.
 struct Conns {
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<StreamExecutor>,
     timeouts: ClientTimeouts,
 }
 
-fn http_builder(idle: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// The builder of connections served by hyper. `send` is the send timeout of each HTTP/2 stream
+/// ([`StreamExecutor`]); the connection's own is [`SendTimeout`], around its socket.
+fn http_builder(idle: Duration, send: Duration) -> auto::Builder<StreamExecutor> {
+    let mut b = auto::Builder::new(StreamExecutor::new(send));
     b.http1()
         .timer(crate::timers::HyperTimer)
         // Waiting for the next request's head counts as idle: the same timeout.
