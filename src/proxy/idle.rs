@@ -11,15 +11,19 @@
 //! the new stream still completes under, as every stream already accepted does.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
+
+use super::server::H2_SEND_BUF;
 
 /// What is in flight on one connection.
 #[derive(Debug, Default)]
@@ -75,16 +79,21 @@ impl Drop for InFlight {
     }
 }
 
-/// A service whose requests count as in flight on `activity`.
+/// A service whose requests count as in flight on `activity`, from `client`.
 #[derive(Debug, Clone)]
 pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    client: SocketAddr,
 }
 
 impl<S> Tracked<S> {
-    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+    pub(crate) fn new(inner: S, activity: Arc<Activity>, client: SocketAddr) -> Self {
+        Self {
+            inner,
+            activity,
+            client,
+        }
     }
 }
 
@@ -104,6 +113,7 @@ where
         TrackedFuture {
             guard: Some(InFlight::begin(&self.activity)),
             inner: self.inner.call(req),
+            client: self.client,
         }
     }
 }
@@ -114,6 +124,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         guard: Option<InFlight>,
+        client: SocketAddr,
     }
 }
 
@@ -127,49 +138,86 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         let guard = this.guard.take();
+        let progress = super::stream_timeout::current();
+        if let Some(p) = &progress {
+            p.set_client(*this.client);
+        }
         Poll::Ready(out.map(|resp| {
             resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
-                progress: super::stream_timeout::current(),
+                progress,
+                rest: None,
             })
         }))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request in flight until dropped, and tells its HTTP/2
-    /// stream's task how it moves (the stream's send timeout, [`super::stream_timeout`]).
+    /// A response body that keeps its request in flight until dropped. On HTTP/2 it tells its
+    /// stream's task how it moves (the stream's send timeout, [`super::stream_timeout`]), and hands
+    /// out frames no larger than what the stream may queue (`rest`: the remainder of a larger one).
     pub(crate) struct TrackedBody<B> {
         #[pin]
         inner: B,
         _guard: Option<InFlight>,
         progress: Option<Arc<super::stream_timeout::Progress>>,
+        rest: Option<Bytes>,
     }
 }
 
-impl<B: Body> Body for TrackedBody<B> {
-    type Data = B::Data;
+impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Some(progress) = this.progress {
-            progress.polled(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
+        let Some(progress) = this.progress else {
+            return this.inner.poll_frame(cx);
+        };
+        let data = match this.rest.take() {
+            Some(rest) => rest,
+            None => match this.inner.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        progress.polled(false);
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                other => {
+                    progress.polled(false);
+                    return other;
+                }
+            },
+        };
+        let mut data = data;
+        if data.len() > H2_SEND_BUF {
+            *this.rest = Some(data.split_off(H2_SEND_BUF));
         }
-        polled
+        progress.polled(true);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let hint = self.inner.size_hint();
+        let Some(rest) = &self.rest else {
+            return hint;
+        };
+        let held = rest.len() as u64;
+        let mut out = SizeHint::new();
+        out.set_lower(hint.lower().saturating_add(held));
+        if let Some(upper) = hint.upper() {
+            out.set_upper(upper.saturating_add(held));
+        }
+        out
     }
 }
 
@@ -277,6 +325,30 @@ impl<IO: tokio::io::AsyncWrite> tokio::io::AsyncWrite for SendTimeout<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn on_http2_a_frame_larger_than_a_streams_queue_is_handed_out_in_parts() {
+        use http_body_util::{BodyExt, Full};
+        let progress = Arc::new(super::super::stream_timeout::Progress::default());
+        let body = TrackedBody {
+            inner: Full::new(Bytes::from(vec![7u8; 40 << 10])),
+            _guard: None,
+            progress: Some(progress),
+            rest: None,
+        };
+        tokio::pin!(body);
+        let mut left = 40 << 10;
+        let mut sizes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let n = frame.unwrap().into_data().unwrap().len();
+            sizes.push(n);
+            left -= n;
+            // What is held back is still to come: hyper must not end the stream, nor miscount it.
+            assert_eq!(body.is_end_stream(), left == 0);
+            assert_eq!(body.size_hint().exact(), Some(left as u64));
+        }
+        assert_eq!(sizes, [16 << 10, 16 << 10, 8 << 10]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_only_after_a_whole_timeout_with_nothing_in_flight() {

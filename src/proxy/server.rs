@@ -294,7 +294,7 @@ impl Server {
 /// The most an HTTP/2 stream queues for its client beyond the frame in hand: one frame of the
 /// default maximum size. Bulk throughput over h2c is no lower than with hyper's 400 KB (930–970 MB/s
 /// on loopback either way).
-const H2_SEND_BUF: usize = 16 * 1024;
+pub(crate) const H2_SEND_BUF: usize = 16 * 1024;
 
 /// How client connections are served: hyper's builder, and the client timeouts
 /// (`client_idle_timeout`, `send_timeout`).
@@ -426,6 +426,7 @@ where
         stack::with_conn_info(app, info)
             .map_request(|r: Request<Incoming>| r.map(ClientBody::Left)),
         activity.clone(),
+        info.remote,
     ));
     let io = SendTimeout::new(io, conns.timeouts.send);
     let conn = conns.http.serve_connection(TokioIo::new(io), svc);

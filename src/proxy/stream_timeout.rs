@@ -12,14 +12,23 @@
 //! room to send (its window, or what it may queue, is used up), so a task left waiting right after
 //! a frame is a stream that cannot send. If the body is not polled again within the send timeout,
 //! the task drops the stream: hyper's stream ends there, h2 resets it (`RST_STREAM`, `CANCEL`), and
-//! the upstream request is cancelled as for any client that went away. The timer exists only while
-//! a stream waits, and any poll of the body (progress) restarts it.
+//! the upstream request is cancelled as for any client that went away.
+//!
+//! h2 lets a stream queue at most [`super::server::H2_SEND_BUF`] (16 KiB) and counts what is
+//! queued against its room, so the body is polled again only once that much has gone out: on
+//! HTTP/2 the body hands out frames of at most that size, and a stream counts as moving while its
+//! client takes at least 16 KiB of it per send timeout (about 270 bytes a second at the default 60 s).
+//! A client that opens no window at all, not even its connection's, has each stream reset in turn.
+//!
+//! The timer is made the first time a stream waits, and only re-armed when it fires: progress in
+//! between costs a clock read, not a trip to the timer thread.
 
 use std::cell::Cell;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +41,8 @@ pub(crate) struct Progress {
     polls: AtomicU32,
     /// Whether the last poll handed out a data frame.
     handed: AtomicBool,
+    /// The client, for the log line, once the stream's request reached the service.
+    client: OnceLock<SocketAddr>,
 }
 
 impl Progress {
@@ -39,6 +50,11 @@ impl Progress {
     pub(crate) fn polled(&self, handed: bool) {
         self.polls.fetch_add(1, Ordering::Relaxed);
         self.handed.store(handed, Ordering::Relaxed);
+    }
+
+    /// Name the stream's client.
+    pub(crate) fn set_client(&self, client: SocketAddr) {
+        let _ = self.client.set(client);
     }
 }
 
@@ -90,9 +106,32 @@ pin_project_lite::pin_project! {
         // Lent to `CURRENT` while the stream is polled.
         progress: Option<Arc<Progress>>,
         limit: Duration,
-        // Armed while the stream waits for room to send, since the body's poll number `since`.
+        // Made the first time the stream waits for room to send; it fires `limit` after `moved`,
+        // or earlier, and is then re-armed for the rest.
         waiting: Option<Pin<Box<Sleep>>>,
+        // The body's poll count when the stream was last seen to move, and when that was.
         since: u32,
+        moved: Instant,
+    }
+}
+
+/// `CURRENT` holds a stream's progress while the stream is polled, and gets back what it held
+/// before when dropped, even if the poll panicked.
+struct Lent<'a> {
+    slot: &'a mut Option<Arc<Progress>>,
+    outer: Option<Arc<Progress>>,
+}
+
+impl<'a> Lent<'a> {
+    fn new(slot: &'a mut Option<Arc<Progress>>) -> Self {
+        let outer = CURRENT.with(|c| c.replace(slot.take()));
+        Self { slot, outer }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        *self.slot = CURRENT.with(|c| c.replace(self.outer.take()));
     }
 }
 
@@ -104,6 +143,7 @@ impl<F> StreamTask<F> {
             limit,
             waiting: None,
             since: 0,
+            moved: Instant::now(),
         }
     }
 }
@@ -116,9 +156,10 @@ impl<F: Future<Output = ()>> Future for StreamTask<F> {
         let Some(stream) = this.stream.as_mut().as_pin_mut() else {
             return Poll::Ready(());
         };
-        let outer = CURRENT.with(|c| c.replace(this.progress.take()));
-        let polled = stream.poll(cx);
-        *this.progress = CURRENT.with(|c| c.replace(outer));
+        let polled = {
+            let _lent = Lent::new(this.progress);
+            stream.poll(cx)
+        };
         if polled.is_ready() {
             return Poll::Ready(());
         }
@@ -130,24 +171,26 @@ impl<F: Future<Output = ()>> Future for StreamTask<F> {
             return Poll::Pending;
         }
         let polls = progress.polls.load(Ordering::Relaxed);
-        match this.waiting.as_mut() {
-            Some(_) if *this.since == polls => {}
-            Some(timer) => {
-                // Progress since the timer was armed: the wait starts again now.
-                timer.as_mut().reset(Instant::now() + *this.limit);
-                *this.since = polls;
-            }
-            None => {
-                *this.waiting = Some(Box::pin(crate::timers::sleep(*this.limit)));
-                *this.since = polls;
-            }
+        if *this.since != polls {
+            *this.since = polls;
+            *this.moved = Instant::now();
         }
-        let Some(timer) = this.waiting.as_mut() else {
-            return Poll::Pending;
-        };
-        std::task::ready!(timer.as_mut().poll(cx));
+        let deadline = *this.moved + *this.limit;
+        let timer = this
+            .waiting
+            .get_or_insert_with(|| Box::pin(crate::timers::sleep_until(deadline)));
+        loop {
+            std::task::ready!(timer.as_mut().poll(cx));
+            if deadline <= Instant::now() {
+                break;
+            }
+            // The stream moved after the timer was armed: wait for the rest.
+            timer.as_mut().reset(deadline);
+        }
+        let client = progress.client.get().copied();
         tracing::info!(
             source = "client",
+            client = client.map(tracing::field::display),
             "the client took nothing of an HTTP/2 stream for {:?} (send_timeout): stream reset",
             this.limit
         );
