@@ -279,10 +279,10 @@ pub struct Config {
     /// How long a client may take nothing the proxy writes to it before its connection is closed
     /// and the streams on it cut (their upstream requests cancelled), as nginx's `send_timeout`: a
     /// client that stays connected but stops reading would otherwise hold its upstream requests, and
-    /// their GPU slots, for good. On HTTP/2 it also bounds each stream: a stream whose client takes
-    /// less than 16 KiB of it for this long (it reads the connection but does not open that
-    /// stream's flow-control window) is reset and its upstream request cancelled, the others going
-    /// on, as nginx resets it. Default: 60 s.
+    /// their GPU slots, for good. On HTTP/2 it also bounds each stream: a stream whose client, while
+    /// reading the connection, does not open that stream's flow-control window far enough for its
+    /// next frame (at most 16 KiB) for this long is reset and its upstream request cancelled, the
+    /// others going on, as nginx resets it. Default: 60 s.
     pub send_timeout: Duration,
     /// Concurrent streams allowed before new requests get 503. Default: 10,000.
     pub max_streams: usize,

@@ -14,11 +14,14 @@
 //! the task drops the stream: hyper's stream ends there, h2 resets it (`RST_STREAM`, `CANCEL`), and
 //! the upstream request is cancelled as for any client that went away.
 //!
-//! h2 lets a stream queue at most [`super::server::H2_SEND_BUF`] (16 KiB) and counts what is
-//! queued against its room, so the body is polled again only once that much has gone out: on
-//! HTTP/2 the body hands out frames of at most that size, and a stream counts as moving while its
-//! client takes at least 16 KiB of it per send timeout (about 270 bytes a second at the default 60 s).
-//! A client that opens no window at all, not even its connection's, has each stream reset in turn.
+//! hyper holds the body's next frame until h2 gives the stream room to send, and h2 gives room only
+//! once what the stream has queued has gone out and the client's window has space beyond it. So the
+//! body is polled again once the previous frame has gone out. On HTTP/2 the body hands out frames of
+//! at most [`super::server::H2_SEND_BUF`] (16 KiB, what h2 lets a stream queue), and a stream counts
+//! as moving while its client opens its window far enough for the next frame within the send
+//! timeout. The byte rate that takes depends on the frames' sizes (an LLM stream's are small) and on
+//! how the client sends its window updates. A client that opens no window at all, not even its
+//! connection's, has each stream reset in turn.
 //!
 //! The timer is made the first time a stream waits, and only re-armed when it fires: progress in
 //! between costs a clock read, not a trip to the timer thread.
