@@ -385,6 +385,25 @@ fn rss_growth(what: &str, pid: u32, base: u64, peak: u64, start: Instant) -> u64
     growth
 }
 
+/// Waits until `done(open, total)` holds for the upstream's open and total connections, checking
+/// every 5 ms, and fails with `what` and the counts if `deadline` passes first.
+async fn upstream_settles(
+    up: &Upstream,
+    deadline: Instant,
+    what: &str,
+    done: impl Fn(usize, usize) -> bool,
+) {
+    while !done(up.open_connections(), up.total_connections()) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {} upstream connections still open",
+            up.open_connections(),
+            up.total_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A proxy configuration: `server` (the `[server]` table's lines), one listener, one pool at `up`.
 fn proxy_config(server: &str, up: std::net::SocketAddr) -> String {
     format!(
@@ -773,28 +792,26 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout_and_a_slow_one_is
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(slow);
-    let deadline = Instant::now() + T;
-    while up.open_connections() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow reader's upstream stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    upstream_settles(
+        &up,
+        Instant::now() + T,
+        "the slow reader's upstream",
+        |open, _| open == 0,
+    )
+    .await;
 
     // A client that stops reading: its upstream request is cancelled once nothing has gone out
     // for the send timeout.
     // Before the request: the proxy cannot start its timer earlier.
     let stopped = Instant::now();
     let stalled = big_download_read_to_its_head(proxy.addr).await;
-    let deadline = stopped + T;
-    while up.open_connections() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream of a client that reads nothing stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    upstream_settles(
+        &up,
+        stopped + T,
+        "a client that reads nothing",
+        |open, _| open == 0,
+    )
+    .await;
     assert!(
         stopped.elapsed() >= Duration::from_millis(500),
         "cut after {:?}, before the send timeout",
@@ -823,16 +840,10 @@ async fn an_h2_client_that_stops_reading_is_closed_after_send_timeout() {
     for i in 0..4 {
         c.get(1 + 2 * i, "/big").await;
     }
-    let deadline = stopped + T;
-    while up.total_connections() < 4 || up.open_connections() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} upstream requests still open",
-            up.open_connections(),
-            up.total_connections()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    upstream_settles(&up, stopped + T, "four streams, all cut", |open, total| {
+        total >= 4 && open == 0
+    })
+    .await;
     assert!(
         stopped.elapsed() >= Duration::from_millis(500),
         "closed after {:?}, before the send timeout",
@@ -893,16 +904,10 @@ async fn an_h2_stream_whose_window_stays_shut_is_reset_after_send_timeout_and_th
     assert_eq!(shut, 65_535, "the shut stream's window, filled");
     assert_eq!(reset, 8u32.to_be_bytes(), "RST_STREAM with CANCEL");
     // Its upstream request is cancelled; the other stream's is not.
-    let deadline = Instant::now() + T;
-    while up.open_connections() != 1 || up.total_connections() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} upstream requests open, one expected",
-            up.open_connections(),
-            up.total_connections()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    upstream_settles(&up, Instant::now() + T, "one of two cut", |open, total| {
+        open == 1 && total == 2
+    })
+    .await;
     // Stream 3 goes on over the same connection, for twice the send timeout more.
     let before = read;
     let reset_at = Instant::now();
@@ -1013,11 +1018,7 @@ async fn ten_thousand_disconnects_leak_nothing() {
         one(proxy.addr, i, &up).await;
     }
     let base_tasks = {
-        let deadline = Instant::now() + T;
-        while up.open_connections() != 0 {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        upstream_settles(&up, Instant::now() + T, "the warm-up", |open, _| open == 0).await;
         alive(&metrics)
     };
     let base_rss = rss_kib(std::process::id(), "VmRSS:");

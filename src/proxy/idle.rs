@@ -178,7 +178,7 @@ impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
         let Some(progress) = this.progress else {
             return this.inner.poll_frame(cx);
         };
-        let data = match this.rest.take() {
+        let mut data = match this.rest.take() {
             Some(rest) => rest,
             None => match this.inner.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -194,7 +194,6 @@ impl<B: Body<Data = Bytes>> Body for TrackedBody<B> {
                 }
             },
         };
-        let mut data = data;
         if data.len() > H2_SEND_BUF {
             *this.rest = Some(data.split_off(H2_SEND_BUF));
         }
